@@ -1,0 +1,581 @@
+"""Shared plumbing for edis_iql.py and edis_calql.py: datasets, environments, evaluation, buffers,
+logging, checkpoints. The algorithm lives in the two scripts; nothing here is EDIS-specific."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import socket
+import sys
+import time
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+warnings.filterwarnings("ignore", module=r"minari\..*")
+warnings.filterwarnings("ignore", module=r"gymnasium\..*")
+
+
+class UserError(Exception):
+    """Bad input: printed as one line `error: ...` and exit code 2, never as a traceback."""
+
+
+def run_main(main, *args):
+    try:
+        main(*args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset names (EDIS_SPEC §6)
+# ---------------------------------------------------------------------------------------------
+ANTMAZE_ENVS = {  # D4RL maze -> gymnasium-robotics env of the Minari D4RL/antmaze datasets
+    "umaze": "AntMaze_UMaze-v4", "umaze-diverse": "AntMaze_UMaze-v4",
+    "medium-play": "AntMaze_Medium-v4", "medium-diverse": "AntMaze_Medium_Diverse_GR-v4",
+    "large-play": "AntMaze_Large-v4", "large-diverse": "AntMaze_Large_Diverse_GR-v4",
+}
+LOCOMOTION_ENVS = {"hopper": "Hopper-v4", "halfcheetah": "HalfCheetah-v4", "walker2d": "Walker2d-v4"}
+LOCOMOTION_REF = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0),
+                  "walker2d": (1.629008, 4592.3)}  # D4RL's random / expert reference returns
+D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{}.hdf5"
+D4RL_CACHE = Path(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets")).expanduser()
+ACCEPTED = ("accepted --env names: antmaze-{umaze,umaze-diverse,medium-play,medium-diverse,large-play,"
+            "large-diverse}-v2, {pen,door,hammer,relocate}-{human,cloned,expert}-v1, "
+            "{hopper,halfcheetah,walker2d}-{random,medium,medium-replay,medium-expert,expert}-v2, "
+            "or any gymnasium env id together with --dataset (a Minari id, a .hdf5 path or random:N)")
+
+
+@dataclass
+class Source:
+    """What `--env/--dataset` resolved to."""
+    name: str            # dataset key used for presets, e.g. "hopper-medium", "antmaze-large-diverse"
+    family: str          # antmaze | adroit | locomotion | other
+    kind: str            # minari | hdf5 | random
+    location: str        # Minari id, HDF5 path/URL, or gymnasium env id (random)
+    env_id: str | None   # gymnasium env for hdf5/random sources
+    n_random: int = 0
+    ref: tuple[float, float] | None = None
+
+
+def family_of(env_id: str) -> str:
+    e = env_id.lower()
+    if "antmaze" in e:
+        return "antmaze"
+    if "adroit" in e or re.match(r"(pen|door|hammer|relocate)-", e):
+        return "adroit"
+    if any(e.startswith(k) for k in LOCOMOTION_ENVS):
+        return "locomotion"
+    return "other"
+
+
+def resolve_source(env: str, dataset: str | None) -> Source:
+    """Map `--env` (a D4RL name or a gymnasium id) and optional `--dataset` to a data source."""
+    if m := re.fullmatch(r"antmaze-(umaze|umaze-diverse|medium-play|medium-diverse|large-play|large-diverse)-v\d", env):
+        src = Source(f"antmaze-{m[1]}", "antmaze", "minari", f"D4RL/antmaze/{m[1]}-v1", None)
+    elif m := re.fullmatch(r"(pen|door|hammer|relocate)-(human|cloned|expert)-v\d", env):
+        src = Source(f"{m[1]}-{m[2]}", "adroit", "minari", f"D4RL/{m[1]}/{m[2]}-v2", None)
+    elif m := re.fullmatch(r"(hopper|halfcheetah|walker2d)-(random|medium|medium-replay|medium-expert|expert)-v2", env):
+        src = Source(f"{m[1]}-{m[2]}", "locomotion", "hdf5", f"{m[1]}_{m[2].replace('-', '_')}-v2",
+                     LOCOMOTION_ENVS[m[1]], ref=LOCOMOTION_REF[m[1]])
+    elif dataset is None:
+        raise UserError(f"unknown --env '{env}'; {ACCEPTED}")
+    else:
+        if env not in gym.registry:
+            _register_robotics()
+        if env not in gym.registry:
+            raise UserError(f"unknown gymnasium env '{env}'; {ACCEPTED}")
+        fam = family_of(env)
+        ref = next((v for k, v in LOCOMOTION_REF.items() if env.lower().startswith(k)), None)
+        src = Source(env, fam, "", "", env, ref=ref)
+    if dataset is None:
+        return src
+    if m := re.fullmatch(r"random:(\d+)", dataset):
+        src.kind, src.n_random, src.location = "random", int(m[1]), src.env_id or dataset
+        if src.env_id is None:
+            raise UserError("--dataset random:N needs a gymnasium env id in --env, e.g. --env Hopper-v4")
+        if src.n_random < 100:
+            raise UserError(f"--dataset {dataset}: N must be at least 100 transitions")
+    elif dataset.endswith((".hdf5", ".h5")):
+        src.kind, src.location = "hdf5", dataset
+    elif "/" in dataset:
+        src.kind, src.location = "minari", dataset
+    else:
+        raise UserError(f"--dataset '{dataset}' is neither a Minari id (ns/name-vN), a .hdf5 path nor random:N")
+    if src.kind != "minari" and src.env_id is None:
+        raise UserError(f"--dataset {dataset} needs a gymnasium env id in --env, e.g. --env Hopper-v4")
+    return src
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: every source becomes flat transition arrays + the env it belongs to
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Transitions:
+    observations: np.ndarray       # (N, ds) float32
+    actions: np.ndarray            # (N, da)
+    rewards: np.ndarray            # (N,)
+    next_observations: np.ndarray  # (N, ds)
+    terminals: np.ndarray          # (N,) true environment termination (bootstrapping stops)
+    timeouts: np.ndarray           # (N,) episode ends here without termination (time limit, data end)
+
+    @property
+    def episode_ends(self) -> np.ndarray:
+        return self.terminals | self.timeouts
+
+    def __len__(self):
+        return len(self.rewards)
+
+
+def flatten_obs(obs) -> np.ndarray:
+    """Dict observations -> one vector: achieved_goal ++ observation (D4RL's 29-d antmaze layout),
+    then desired_goal and any other keys in sorted order. Works on single obs and on stacked arrays."""
+    if not isinstance(obs, dict):
+        return np.asarray(obs, dtype=np.float32)
+    order = [k for k in ("achieved_goal", "observation", "desired_goal") if k in obs]
+    order += sorted(k for k in obs if k not in order)
+    return np.concatenate([np.asarray(obs[k], dtype=np.float32) for k in order], axis=-1)
+
+
+def _register_robotics():
+    import gymnasium_robotics
+    gym.register_envs(gymnasium_robotics)
+
+
+def _hub_reachable(host: str, port: int = 443) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and host.endswith("huggingface.co"):
+        return False
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def _minari_transitions(ds) -> Transitions:
+    obs, nxt, act, rew, term, tout = [], [], [], [], [], []
+    for ep in ds.iterate_episodes():
+        o = flatten_obs(ep.observations)
+        T = len(ep.rewards)
+        obs.append(o[:T]); nxt.append(o[1:T + 1]); act.append(np.asarray(ep.actions, np.float32))
+        rew.append(np.asarray(ep.rewards, np.float32)); term.append(np.asarray(ep.terminations, bool))
+        end = np.zeros(T, bool); end[-1] = not ep.terminations[-1]  # truncation is not a terminal
+        tout.append(end)
+    cat = np.concatenate
+    return Transitions(cat(obs), cat(act), cat(rew), cat(nxt), cat(term), cat(tout))
+
+
+def _load_minari(dataset_id: str):
+    import minari
+    if dataset_id not in minari.list_local_datasets():
+        where = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
+        if not _hub_reachable("huggingface.co"):
+            raise UserError(f"Minari dataset {dataset_id} is not in {where} and the hub is unreachable; "
+                            f"fetch it on a networked machine with `minari download {dataset_id}`")
+        try:
+            minari.download_dataset(dataset_id)
+        except Exception as e:  # noqa: BLE001 - the hub's errors are many; one line is what helps
+            raise UserError(f"could not download Minari dataset {dataset_id}: {e}") from None
+    return minari.load_dataset(dataset_id)
+
+
+def _read_hdf5(path: Path) -> Transitions:
+    import h5py
+    keys = ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in keys if k not in f]
+            if missing:
+                raise UserError(f"{path} lacks key(s) {', '.join(missing)}; a D4RL-layout HDF5 needs "
+                                f"flat datasets {', '.join(keys)}")
+            arr = {k: f[k][()] for k in keys}
+    except OSError as e:
+        raise UserError(f"{path} is not a readable HDF5 file ({e})") from None
+    lengths = {k: len(v) for k, v in arr.items()}
+    if len(set(lengths.values())) != 1:
+        raise UserError(f"{path}: datasets have different lengths {lengths}; all must have one row per transition")
+    obs, nxt = arr["observations"].astype(np.float32), arr["next_observations"].astype(np.float32)
+    term, tout = arr["terminals"].astype(bool).reshape(-1), arr["timeouts"].astype(bool).reshape(-1)
+    # A row whose successor does not start where it ended is an episode end the file did not flag.
+    gap = np.zeros(len(obs), bool)
+    gap[:-1] = np.any(np.abs(nxt[:-1] - obs[1:]) > 1e-6, axis=1)
+    gap[-1] = True
+    tout = tout | (gap & ~term)
+    return Transitions(obs, arr["actions"].astype(np.float32).reshape(len(obs), -1),
+                       arr["rewards"].astype(np.float32).reshape(-1), nxt, term, tout)
+
+
+def _fetch_d4rl(name: str) -> Path:
+    path = D4RL_CACHE / f"{name}.hdf5"
+    if path.exists():
+        return path
+    url = D4RL_URL.format(name)
+    if not _hub_reachable("rail.eecs.berkeley.edu", 80):
+        raise UserError(f"D4RL dataset {name} is not in {D4RL_CACHE} and {url} is unreachable; fetch it "
+                        f"on a networked machine with `mkdir -p {D4RL_CACHE} && curl -L -o {path} {url}`")
+    import urllib.request
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".part")
+    print(f"downloading {url} -> {path}")
+    urllib.request.urlretrieve(url, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def collect_random(env_id: str, n: int, seed: int = 0) -> str:
+    """Write `n` uniform-random-action transitions of `env_id` as a local Minari dataset (once)."""
+    import minari
+    from minari.data_collector import EpisodeBuffer
+    ds_id = f"edis/{re.sub(r'[^a-z0-9]+', '_', env_id.lower())}/random-{n}-v0"
+    if ds_id in minari.list_local_datasets():
+        return ds_id
+    env = gym.make(env_id)
+    env.action_space.seed(seed)
+    episodes, total, ep = [], 0, 0
+    while total < n:
+        o, _ = env.reset(seed=seed + ep)
+        obs, act, rew, term, trunc = [o], [], [], [], []
+        while True:
+            a = env.action_space.sample()
+            o, r, te, tr, _ = env.step(a)
+            total += 1
+            tr = tr or total >= n
+            obs.append(o); act.append(a); rew.append(r); term.append(te); trunc.append(tr)
+            if te or tr:
+                break
+        stack = ({k: np.stack([x[k] for x in obs]) for k in obs[0]} if isinstance(obs[0], dict) else np.stack(obs))
+        episodes.append(EpisodeBuffer(id=ep, observations=stack, actions=np.stack(act), rewards=rew,
+                                      terminations=term, truncations=trunc))
+        ep += 1
+    minari.create_dataset_from_buffers(ds_id, episodes, env=env, algorithm_name="uniform random actions",
+                                       author="edis", author_email="-", code_permalink="-",
+                                       description=f"{n} random-action transitions of {env_id}")
+    env.close()
+    return ds_id
+
+
+@dataclass
+class Task:
+    source: Source
+    data: Transitions
+    env_fn: callable          # () -> gymnasium env with flat observations (the online env)
+    eval_env_fn: callable     # () -> evaluation env
+    ref: tuple[float, float] | None
+
+
+def load_task(env: str, dataset: str | None = None) -> Task:
+    """Everything `--env/--dataset` names: transitions, env constructors and the score reference."""
+    src = resolve_source(env, dataset)
+    if src.family in ("antmaze", "adroit") or src.kind == "minari":
+        _register_robotics()
+    if src.kind == "random":
+        src.location = collect_random(src.env_id, src.n_random)
+        src.kind = "minari"
+    if src.kind == "minari":
+        ds = _load_minari(src.location)
+        data = _minari_transitions(ds)
+        meta = ds.storage.metadata
+        if meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
+            src.ref = (float(meta["ref_min_score"]), float(meta["ref_max_score"]))
+        if src.env_id is not None and ds.spec.env_spec is not None and src.env_id != ds.spec.env_spec.id:
+            env_fn = eval_fn = (lambda: gym.make(src.env_id))
+        else:
+            env_fn, eval_fn = ds.recover_environment, (lambda: ds.recover_environment(eval_env=True))
+    else:
+        path = Path(src.location) if src.location.endswith((".hdf5", ".h5")) else _fetch_d4rl(src.location)
+        if not path.exists():
+            raise UserError(f"--dataset {path} does not exist")
+        data = _read_hdf5(path)
+        env_fn = eval_fn = (lambda: gym.make(src.env_id))
+    check_transitions(data, env_fn(), src)
+    return Task(src, data, env_fn, eval_fn, src.ref)
+
+
+def check_transitions(data: Transitions, env: gym.Env, src: Source):
+    bad = ~np.isfinite(np.concatenate([data.observations, data.actions, data.rewards[:, None],
+                                       data.next_observations], axis=1)).all(axis=1)
+    if bad.any():
+        raise UserError(f"dataset {src.location} has {int(bad.sum())} of {len(bad)} rows with NaN/inf; clean it first")
+    ds_dim = flatten_obs(env.observation_space.sample()).shape[-1]
+    if data.observations.shape[1] != ds_dim:
+        raise UserError(f"dataset {src.location} has {data.observations.shape[1]}-d observations but env "
+                        f"{env.spec.id} has {ds_dim}-d; pass the env the dataset was collected in")
+    if data.actions.shape[1] != env.action_space.shape[0]:
+        raise UserError(f"dataset {src.location} has {data.actions.shape[1]}-d actions but env "
+                        f"{env.spec.id} has {env.action_space.shape[0]}-d; pass the env the dataset was collected in")
+    env.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms applied identically offline and online
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Normalizer:
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def fit(cls, x: np.ndarray, floor: float = 1e-3):
+        return cls(x.mean(0).astype(np.float32), np.maximum(x.std(0), floor).astype(np.float32))
+
+    @classmethod
+    def identity(cls, dim: int):
+        return cls(np.zeros(dim, np.float32), np.ones(dim, np.float32))
+
+    def __call__(self, x):
+        return (x - self.mean) / self.std
+
+    def inverse(self, x):
+        return x * self.std + self.mean
+
+
+def episode_returns(data: Transitions) -> np.ndarray:
+    ends = np.flatnonzero(data.episode_ends)
+    csum = np.concatenate([[0.0], np.cumsum(data.rewards, dtype=np.float64)])
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    return csum[ends + 1] - csum[starts]
+
+
+def reward_scale_bias(family: str, data: Transitions) -> tuple[float, float]:
+    """IQL's reward transform r -> scale*r + bias: antmaze r-1; locomotion 1000/(return range)."""
+    if family == "antmaze":
+        return 1.0, -1.0
+    if family == "locomotion":
+        ret = episode_returns(data)
+        return float(1000.0 / max(ret.max() - ret.min(), 1e-6)), 0.0
+    return 1.0, 0.0
+
+
+class FlatNormalizedObs(gym.ObservationWrapper):
+    """Flatten dict observations and apply the learner's state normalizer."""
+
+    def __init__(self, env, normalizer: Normalizer):
+        super().__init__(env)
+        self.normalizer = normalizer
+        d = len(normalizer.mean)
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (d,), np.float32)
+
+    def observation(self, obs):
+        return self.normalizer(flatten_obs(obs)).astype(np.float32)
+
+
+def make_env(env_fn, normalizer: Normalizer, seed: int) -> gym.Env:
+    env = FlatNormalizedObs(env_fn(), normalizer)
+    env.action_space.seed(seed)
+    return env
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but torch sees no CUDA device; use --device cpu or auto")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: all episodes in lockstep, one batched policy call per step
+# ---------------------------------------------------------------------------------------------
+class Evaluator:
+    def __init__(self, env_fn, normalizer: Normalizer, episodes: int, seed: int, ref):
+        self.envs = [make_env(env_fn, normalizer, seed) for _ in range(episodes)]
+        self.seed, self.ref = seed, ref
+
+    def __call__(self, policy) -> dict:
+        """policy: (n, ds) float32 array -> (n, da) actions. Episode i always starts from seed+i, so
+        successive evaluations compare policies on the same start states."""
+        n = len(self.envs)
+        obs = np.stack([e.reset(seed=self.seed + i)[0] for i, e in enumerate(self.envs)])
+        ret, success, alive = np.zeros(n), np.zeros(n), np.ones(n, bool)
+        while alive.any():
+            idx = np.flatnonzero(alive)
+            act = policy(obs[idx])
+            for j, i in enumerate(idx):
+                o, r, term, trunc, info = self.envs[i].step(act[j])
+                obs[i], ret[i] = o, ret[i] + r
+                success[i] = max(success[i], float(info.get("success", 0.0)))
+                alive[i] = not (term or trunc)
+        out = {"eval/return": float(ret.mean()), "eval/return_std": float(ret.std()),
+               "eval/success": float(success.mean())}
+        if self.ref is not None:
+            out["eval/normalized_score"] = normalized_score(out["eval/return"], self.ref)
+        return out
+
+
+def normalized_score(ret: float, ref: tuple[float, float]) -> float:
+    return 100.0 * (ret - ref[0]) / (ref[1] - ref[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay buffers: preallocated device tensors, ring-indexed, sampled on the device
+# ---------------------------------------------------------------------------------------------
+class Buffer:
+    def __init__(self, capacity: int, dims: dict[str, int], device, generator: torch.Generator | None = None):
+        self.capacity, self.device, self.gen = capacity, torch.device(device), generator
+        self.data = {k: torch.zeros((capacity, d) if d > 1 else (capacity,), device=self.device) for k, d in dims.items()}
+        self.ptr = self.size = 0  # host integers: no device sync to know how much is stored
+
+    def add(self, **batch) -> torch.Tensor:
+        """Append a batch (tensors or arrays, first dim n); returns the row indices written."""
+        n = len(next(iter(batch.values())))
+        idx = (self.ptr + torch.arange(n, device=self.device)) % self.capacity
+        for k, v in batch.items():
+            self.data[k][idx] = torch.as_tensor(v, dtype=torch.float32, device=self.device).reshape(self.data[k][idx].shape)
+        self.ptr = (self.ptr + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+        return idx
+
+    def replace(self, **batch):
+        self.ptr = self.size = 0
+        self.add(**batch)
+
+    def sample(self, n: int) -> dict[str, torch.Tensor]:
+        idx = torch.randint(self.size, (n,), device=self.device, generator=self.gen)
+        return {k: v[idx] for k, v in self.data.items()}
+
+    def all(self) -> dict[str, torch.Tensor]:
+        return {k: v[: self.size] for k, v in self.data.items()}
+
+    def state_dict(self):
+        return {"data": self.all(), "ptr": self.ptr, "size": self.size}
+
+    def load_state_dict(self, s):
+        for k, v in s["data"].items():
+            self.data[k][: len(v)] = v.to(self.device)
+        self.ptr, self.size = s["ptr"], s["size"]
+
+
+def cat_batches(*batches: dict) -> dict:
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging: tensorboard + metrics.jsonl (+ wandb behind --track), at the caller's rate
+# ---------------------------------------------------------------------------------------------
+class Logger:
+    def __init__(self, run_dir: Path, config: dict, track: bool = False, project: str = "edis", resume: bool = False):
+        from torch.utils.tensorboard import SummaryWriter
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        self.writer = SummaryWriter(str(self.run_dir))
+        self.jsonl = open(self.run_dir / "metrics.jsonl", "a" if resume else "w")
+        self.wandb = None
+        if track:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--track needs wandb: `pip install wandb` (or drop --track)") from None
+            self.wandb = wandb.init(project=project, name=self.run_dir.name, config=config, dir=str(self.run_dir),
+                                    resume="allow", id=self.run_dir.name)
+
+    def log(self, step: int, metrics: dict):
+        metrics = {k: float(v) for k, v in metrics.items()}
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, v, step)
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def image(self, tag: str, png_path: Path, step: int):
+        import matplotlib.image
+        img = matplotlib.image.imread(png_path)[..., :3]
+        self.writer.add_image(tag, img, step, dataformats="HWC")
+        if self.wandb is not None:
+            import wandb
+            self.wandb.log({tag: wandb.Image(str(png_path))}, step=step)
+
+    def close(self):
+        self.writer.close()
+        self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class Timer:
+    """Accumulates wall-clock seconds per named phase (`with timer("env"): ...`)."""
+
+    def __init__(self):
+        self.total: dict[str, float] = {}
+
+    def __call__(self, name):
+        timer = self
+
+        class _Span:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.total[name] = timer.total.get(name, 0.0) + time.perf_counter() - self.t
+        return _Span()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: one atomic file holding modules, optimizers, buffers, RNG states and counters
+# ---------------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: dict):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def state_of(obj):
+    """state_dict() of anything that has one, recursively through dicts; plain values as they are."""
+    if hasattr(obj, "state_dict"):
+        return obj.state_dict()
+    if isinstance(obj, dict):
+        return {k: state_of(v) for k, v in obj.items()}
+    return obj
+
+
+def save_checkpoint(path: Path, objects: dict):
+    """Write atomically: a kill mid-write leaves the previous checkpoint intact."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({k: state_of(v) for k, v in objects.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, objects: dict, map_location="cpu") -> dict:
+    """Load into `objects` (those with load_state_dict) in place; returns the plain entries."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no checkpoint at {path}; the run stopped before its first checkpoint, start it again")
+    state = torch.load(path, map_location=map_location, weights_only=False)
+    load_into(objects, state)
+    return state
+
+
+def load_into(objects: dict, state: dict):
+    for k, v in objects.items():
+        if hasattr(v, "load_state_dict"):
+            v.load_state_dict(state[k])
+        elif isinstance(v, dict):
+            load_into(v, state[k])
+
+
+def config_dict(args) -> dict:
+    return {f.name: getattr(args, f.name) for f in fields(args)}
