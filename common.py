@@ -420,6 +420,51 @@ def normalized_score(ret: float, ref: tuple[float, float]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+# Diagnostics that need the simulator or a picture
+# ---------------------------------------------------------------------------------------------
+def dynamics_error(env_fn, normalizer: Normalizer, batch: dict, max_n: int = 500) -> float:
+    """Mean squared error, in the learner's normalized units, between the generated s' and the one
+    the simulator produces from (s, a). For MuJoCo locomotion, whose observation is qpos[1:] ++ qvel
+    (the x position does not affect the dynamics, so it is set to 0)."""
+    env = env_fn().unwrapped
+    nq = env.model.nq
+    obs, act, nxt = (normalizer.inverse(batch["obs"][:max_n].cpu().numpy()), batch["actions"][:max_n].cpu().numpy(),
+                     batch["next_obs"][:max_n].cpu().numpy())
+    err = []
+    for s, a, s2 in zip(obs, act, nxt):
+        env.set_state(np.concatenate([[0.0], s[: nq - 1]]), s[nq - 1:])
+        true_next = env.step(np.clip(a, -1, 1))[0]
+        err.append(np.mean((normalizer(true_next) - s2) ** 2))
+    env.close()
+    return float(np.mean(err))
+
+
+def state_scatter(path: Path, groups: dict, normalizer: Normalizer, maze: bool, title: str):
+    """2-D picture of state sets (learner-space tensors): maze x, y, or the first two principal
+    components of the first group (the offline data)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    pts = {k: v.detach().float().cpu().numpy() for k, v in groups.items()}
+    if maze:  # achieved_goal (x, y) leads the flattened observation
+        proj, labels = (lambda x: normalizer.inverse(x)[:, :2]), ("x", "y")
+    else:
+        ref = next(iter(pts.values()))
+        mu = ref.mean(0)
+        basis = np.linalg.svd(ref - mu, full_matrices=False)[2][:2].T
+        proj, labels = (lambda x: (x - mu) @ basis), ("PC 1", "PC 2")
+    fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
+    for (name, x), color in zip(pts.items(), ["0.7", "tab:blue", "tab:orange", "tab:green", "tab:red"]):
+        xy = proj(x[np.isfinite(x).all(1)])
+        ax.scatter(xy[:, 0], xy[:, 1], s=3, alpha=0.5, color=color, label=f"{name} ({len(xy)})")
+    ax.set(xlabel=labels[0], ylabel=labels[1], title=title)
+    ax.legend(markerscale=4, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
 # Replay buffers: preallocated device tensors, ring-indexed, sampled on the device
 # ---------------------------------------------------------------------------------------------
 class Buffer:

@@ -1,0 +1,833 @@
+"""EDIS + IQL: Energy-guided Diffusion Sampling for offline-to-online RL (Liu et al., ICML 2024,
+https://proceedings.mlr.press/v235/liu24ao.html) on top of Implicit Q-Learning (Kostrikov et al., 2021).
+
+Offline: IQL on the dataset, and an EDM diffusion model of its transitions. Online: every
+`edis_every` env steps, fine-tune the diffusion model, learn three energies (state, policy,
+transition) by contrast, and replace the generated buffer with energy-guided samples that follow
+the current policy's distribution; the learner trains on online + generated transitions.
+Design and math: EDIS_SPEC.md. Run `python edis_iql.py --help` for every flag.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+import common
+from common import Buffer, UserError
+
+
+# ==============================================================================================
+# EDIS begin: everything below up to "EDIS end" is the same text in edis_iql.py and edis_calql.py
+# ==============================================================================================
+@dataclass
+class EDISArgs:
+    # --- EDIS schedule ---
+    edis: bool = True
+    """use EDIS; --no-edis replays offline data in place of generated data (the baseline)"""
+    edis_start: int = 10_000
+    """online transitions collected before the first EDIS cycle (offline data fills the share until then)"""
+    edis_every: int = 10_000
+    """online env steps between EDIS cycles"""
+    generated_ratio: float = 0.5
+    """share of each online learner batch drawn from the generated buffer (rho)"""
+    num_generated: int = 100_000
+    """guided samples generated per cycle; they replace the generated buffer"""
+    gen_batch_size: int = 25_000
+    """samples per batched sampler call"""
+    positive_buffer_size: int = 10_000
+    """most recent online transitions that stand for the current policy's state distribution d^pi"""
+    # --- diffusion model (EDM over normalized transitions) ---
+    diffusion_width: int = 1024
+    """residual MLP width of the denoiser"""
+    diffusion_depth: int = 6
+    """residual blocks of the denoiser"""
+    diffusion_lr: float = 3e-4
+    """AdamW learning rate of the denoiser"""
+    diffusion_batch_size: int = 256
+    """denoiser training batch"""
+    diffusion_pretrain_steps: int = 100_000
+    """denoiser updates on the offline data before the online phase"""
+    diffusion_finetune_steps: int = 10_000
+    """denoiser updates on offline + online data at each cycle (warm start)"""
+    diffusion_restart: bool = False
+    """retrain the denoiser from scratch (pretrain steps) at each cycle instead of fine-tuning"""
+    sample_steps: int = 128
+    """Heun sampler steps (sigma from 80 to 0.002)"""
+    # --- energies (noise-conditioned density ratios, InfoNCE) ---
+    energy_steps: int = 4_000
+    """energy training steps per cycle"""
+    energy_batch_size: int = 256
+    """InfoNCE groups per energy training step"""
+    energy_negatives: int = 10
+    """negatives per positive (K)"""
+    energy_lr: float = 1e-3
+    """Adam learning rate of the energies"""
+    pool_size: int = 20_000
+    """unguided and inpainted model samples drawn per cycle to train the energies"""
+    state_guidance: float = 1.0
+    """weight of the state energy in the guided score (0 turns it off)"""
+    policy_guidance: float = 1.0
+    """weight of the policy energy in the guided score (0 turns it off)"""
+    transition_guidance: float = 1.0
+    """weight of the transition energy in the guided score (0 turns it off)"""
+    diag_samples: int = 2_000
+    """unguided and guided samples (same seed) compared by the per-cycle diagnostics"""
+
+
+SIGMA_MIN, SIGMA_MAX, SIGMA_RHO = 0.002, 80.0, 7.0
+S_CHURN, S_NOISE = 80.0, 1.003
+ENERGY_NAMES = ("state", "policy", "transition")
+
+
+def edm_scalings(sigma: torch.Tensor):
+    """EDM preconditioning with sigma_data = 1 (Karras et al. 2022, Table 1)."""
+    c_skip = 1.0 / (sigma**2 + 1.0)
+    c_out = sigma / torch.sqrt(sigma**2 + 1.0)
+    c_in = 1.0 / torch.sqrt(sigma**2 + 1.0)
+    return c_skip, c_out, c_in, torch.log(sigma) / 4.0
+
+
+class FourierFeatures(nn.Module):
+    """Fixed random Fourier features of c_noise(sigma)."""
+
+    def __init__(self, n_freq: int = 16):
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(n_freq) * 2 * math.pi)
+        self.dim = 2 * n_freq
+
+    def forward(self, c_noise):  # (B, 1) -> (B, 2 n_freq)
+        f = c_noise * self.freqs
+        return torch.cat([f.cos(), f.sin()], dim=-1)
+
+
+class Denoiser(nn.Module):
+    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise), F a residual MLP (spec §2)."""
+
+    def __init__(self, dim: int, width: int, depth: int, dim_t: int = 256):
+        super().__init__()
+        self.fourier = FourierFeatures()
+        self.time = nn.Sequential(nn.Linear(self.fourier.dim, dim_t), nn.SiLU(), nn.Linear(dim_t, dim_t))
+        self.proj = nn.Linear(dim, dim_t)
+        self.inp = nn.Linear(dim_t, width)
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.out = nn.Linear(width, dim)
+
+    def forward(self, x, sigma):  # sigma: (B, 1)
+        c_skip, c_out, c_in, c_noise = edm_scalings(sigma)
+        h = self.inp(self.proj(c_in * x) + self.time(self.fourier(c_noise)))
+        for block in self.blocks:
+            h = h + block(F.relu(h))
+        return c_skip * x + c_out * self.out(F.relu(h))
+
+
+def diffusion_loss(model: Denoiser, x):
+    """EDM loss: ln sigma ~ N(-1.2, 1.2^2), weight (sigma^2 + 1) / sigma^2, mean over coordinates."""
+    sigma = torch.exp(torch.randn(len(x), 1, device=x.device) * 1.2 - 1.2)
+    weight = (sigma**2 + 1.0) / sigma**2
+    return (weight * (model(x + sigma * torch.randn_like(x), sigma) - x) ** 2).mean()
+
+
+def karras_sigmas(n: int) -> list[float]:
+    """sigma_i = (max^(1/rho) + i/(n-1) (min^(1/rho) - max^(1/rho)))^rho, then sigma_n = 0. Python
+    floats: the sampler loop never asks the device for a number."""
+    a, b = SIGMA_MAX ** (1 / SIGMA_RHO), SIGMA_MIN ** (1 / SIGMA_RHO)
+    return [(a + i / max(n - 1, 1) * (b - a)) ** SIGMA_RHO for i in range(n)] + [0.0]
+
+
+def churn_gamma(sigma: float, n: int, everywhere: bool) -> float:
+    return min(S_CHURN / n, math.sqrt(2) - 1) if everywhere or 0.05 <= sigma <= 50 else 0.0
+
+
+@torch.no_grad()
+def heun_sample(denoise, x, sigmas, guide=None, known=None, resample: int = 1):
+    """The one EDM sampler (Heun, 2nd order, stochastic churn) behind unguided sampling, guided
+    sampling and inpainting. x: noise * sigmas[0]; denoise(x, sigma) -> D(x; sigma); guide(x, sigma)
+    -> grad_x sum_k w_k f_k (added to the score); known = (mask, values): inpainting by replacement,
+    with churn kept on down to sigma_min and each step redone `resample` times (RePaint-style)."""
+    n = len(sigmas) - 1
+
+    def slope(x, s):  # d = (x - D)/sigma = -sigma * score; guidance adds -sigma * grad f
+        sig = torch.full((len(x), 1), s, device=x.device)
+        d = (x - denoise(x, sig)) / s
+        return d if guide is None else d - s * guide(x, s)
+
+    def impose(x, s):  # known coordinates at noise level s
+        return x if known is None else torch.where(known[0], known[1] + s * torch.randn_like(x), x)
+
+    x = impose(x, sigmas[0])
+    for i in range(n):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        gamma = churn_gamma(s, n, everywhere=known is not None)
+        s_hat = s * (1 + gamma)
+        for r in range(resample):
+            x_hat = x + math.sqrt(s_hat**2 - s**2) * S_NOISE * torch.randn_like(x)
+            d = slope(x_hat, s_hat)
+            x_next = x_hat + (s_next - s_hat) * d
+            if s_next > 0:
+                x_next = x_hat + (s_next - s_hat) * 0.5 * (d + slope(x_next, s_next))
+            x_next = impose(x_next, s_next)
+            if r < resample - 1:  # back to sigma_i and redo the step
+                x = x_next + math.sqrt(s**2 - s_next**2) * torch.randn_like(x)
+        x = x_next
+    return x
+
+
+def queried_sigmas(n: int, everywhere: bool = False) -> list[float]:
+    """Every noise level at which the sampler calls the model (sigma_i and sigma_hat_i): the energies
+    are trained on exactly these."""
+    s = karras_sigmas(n)
+    return sorted({x for i in range(n) for x in (s[i], s[i] * (1 + churn_gamma(s[i], n, everywhere)))})
+
+
+def mlp(inp: int, out: int, hidden: int = 256, layers: int = 2, act=nn.ReLU) -> nn.Sequential:
+    dims = [inp] + [hidden] * layers
+    return nn.Sequential(*[m for a, b in zip(dims[:-1], dims[1:]) for m in (nn.Linear(a, b), act())],
+                         nn.Linear(hidden, out))
+
+
+class Energies(nn.Module):
+    """f_k(u_sigma, sigma) ~ log q_sigma(u) / p_sigma(u) = -E_k for k = state (reads s), policy (s, a)
+    and transition (s, a, r, s'): Thm 3.1 of the paper with each ratio conditioned on the noise level.
+    One module, so one forward and one backward give the whole guidance."""
+
+    def __init__(self, slices: list[list[int]], hidden: int = 256, layers: int = 3):
+        super().__init__()
+        self.fourier = FourierFeatures()
+        for k, idx in zip(ENERGY_NAMES, slices):
+            self.register_buffer(f"idx_{k}", torch.tensor(idx))
+        self.nets = nn.ModuleList(mlp(len(idx) + self.fourier.dim, 1, hidden, layers, nn.SiLU) for idx in slices)
+
+    def one(self, k: int, x, sigma):  # x: full noised transitions (B, D); sigma (B, 1) -> (B,)
+        _, _, c_in, c_noise = edm_scalings(sigma)
+        u = x[:, getattr(self, f"idx_{ENERGY_NAMES[k]}")]
+        return self.nets[k](torch.cat([c_in * u, self.fourier(c_noise)], -1)).squeeze(-1)
+
+    def forward(self, x, sigma):  # -> (B, 3)
+        return torch.stack([self.one(k, x, sigma) for k in range(len(self.nets))], -1)
+
+
+def info_nce(energies: Energies, k: int, pos, neg, sigma):
+    """-log softmax of the positive among 1 + K: pos (B, D), neg (B, K, D), all noised with the
+    group's sigma (B, 1). Returns (loss, top-1 accuracy), both device tensors."""
+    u = torch.cat([pos[:, None], neg], 1)
+    B, G, D = u.shape
+    sig = sigma[:, None].expand(B, G, 1)
+    logits = energies.one(k, (u + sig * torch.randn_like(u)).reshape(-1, D), sig.reshape(-1, 1)).reshape(B, G)
+    target = torch.zeros(B, dtype=torch.long, device=u.device)
+    return F.cross_entropy(logits, target), (logits.argmax(1) == 0).float().mean()
+
+
+def union_sample(buffers: list[Buffer], n: int) -> dict:
+    """n rows drawn uniformly from the union of the buffers (shares by size; host arithmetic only)."""
+    sizes = [b.size for b in buffers]
+    counts = [n * s // sum(sizes) for s in sizes]
+    counts[int(np.argmax(sizes))] += n - sum(counts)
+    return common.cat_batches(*[b.sample(c) for b, c in zip(buffers, counts) if c > 0])
+
+
+def rbf_mmd(x, y):
+    """Squared MMD with an RBF kernel, bandwidth = median distance of the pooled points."""
+    z = torch.cat([x, y])
+    d2 = torch.cdist(z, z) ** 2
+    h = d2.median().clamp_min(1e-6)
+    k = torch.exp(-d2 / h)
+    n = len(x)
+    return k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean()
+
+
+class EDIS:
+    """What EDIS adds to a learner: a diffusion model of transitions, three energies, the positive
+    buffer (recent online data ~ d^pi) and the generated buffer (guided samples)."""
+
+    def __init__(self, args: EDISArgs, offline: Buffer, ds: int, da: int, terminals: bool, device):
+        self.args, self.device, self.ds, self.da = args, device, ds, da
+        self.fields = ["obs", "actions", "rewards", "next_obs"] + (["terminals"] if terminals else [])
+        self.dims = {"obs": ds, "actions": da, "rewards": 1, "next_obs": ds, "terminals": 1}
+        dim = sum(self.dims[f] for f in self.fields)
+        # Fixed normalizer of transitions (offline statistics), so a warm-started model keeps its space.
+        x = self.raw(offline.all())
+        self.x_mean, self.x_std = x.mean(0), x.std(0).clamp_min(1e-3)
+        s, a = list(range(ds)), list(range(ds, ds + da))
+        self.energies = Energies([s, s + a, list(range(dim))]).to(device)
+        self.energy_opt = torch.optim.Adam(self.energies.parameters(), lr=args.energy_lr)
+        self.weights = torch.tensor([args.state_guidance, args.policy_guidance, args.transition_guidance], device=device)
+        self.new_model(dim)
+        buf_dims = {f: self.dims[f] for f in ["obs", "actions", "rewards", "next_obs", "terminals"]}
+        self.positive_buffer = Buffer(args.positive_buffer_size, buf_dims, device)
+        self.generated_buffer = Buffer(args.num_generated, buf_dims, device)
+        self.sigmas = karras_sigmas(args.sample_steps)
+        self.train_sigmas = torch.tensor(queried_sigmas(args.sample_steps), device=device)
+        self.clip = 10.0 * math.sqrt(dim)  # a safety net only: a correct energy stays far below it
+        self.clip_fired = torch.zeros((), device=device)
+        self.cycles = 0
+
+    def new_model(self, dim: int):
+        a = self.args
+        self.model = Denoiser(dim, a.diffusion_width, a.diffusion_depth).to(self.device)
+        self.ema = torch.optim.swa_utils.AveragedModel(
+            self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.995))
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=a.diffusion_lr)
+
+    # --- transitions <-> normalized vectors x = [s, a, r, s', (terminal)] ---
+    def raw(self, batch: dict):
+        return torch.cat([batch[f].reshape(len(batch["obs"]), -1) for f in self.fields], 1)
+
+    def to_x(self, batch: dict):
+        return (self.raw(batch) - self.x_mean) / self.x_std
+
+    def from_x(self, x) -> dict:
+        parts = torch.split(x * self.x_std + self.x_mean, [self.dims[f] for f in self.fields], 1)
+        out = dict(zip(self.fields, parts))
+        out["rewards"] = out["rewards"].squeeze(1)
+        out["terminals"] = (out["terminals"].squeeze(1) > 0.5).float() if "terminals" in out else torch.zeros_like(out["rewards"])
+        return out
+
+    # --- diffusion ---
+    def train_diffusion(self, buffers: list[Buffer], steps: int) -> dict:
+        total = torch.zeros((), device=self.device)
+        for _ in range(steps):
+            loss = diffusion_loss(self.model, self.to_x(union_sample(buffers, self.args.diffusion_batch_size)))
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+            self.ema.update_parameters(self.model)
+            total += loss.detach()
+        return {"diffusion/loss": total / max(steps, 1)}
+
+    def guide(self, x, sigma: float):
+        """Sum_k w_k grad_x f_k(x, sigma): one forward and one backward for all three energies; the
+        term sigma * guidance is clipped per sample at 10 sqrt(D) (counted in clip_fired)."""
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            sig = torch.full((len(x), 1), sigma, device=x.device)
+            (grad,) = torch.autograd.grad((self.energies(x, sig) * self.weights).sum(), x)
+        norm = sigma * grad.norm(dim=1, keepdim=True)
+        self.clip_fired += (norm > self.clip).sum()
+        return grad * (self.clip / norm.clamp_min(1e-12)).clamp(max=1.0)
+
+    def sample(self, n: int, guided: bool = False, known: tuple | None = None) -> torch.Tensor:
+        """n normalized transitions from the EMA model, in batches of gen_batch_size."""
+        out = []
+        for i in range(0, n, self.args.gen_batch_size):
+            m = min(self.args.gen_batch_size, n - i)
+            kn = None if known is None else (known[0], known[1][i:i + m])
+            x = torch.randn(m, len(self.x_mean), device=self.device) * self.sigmas[0]
+            out.append(heun_sample(self.ema.module, x, self.sigmas, guide=self.guide if guided else None,
+                                   known=kn, resample=2 if known is not None else 1))
+        return torch.cat(out)
+
+    def inpaint(self, batch: dict) -> torch.Tensor:
+        """Model's (r, s') given real (s, a): negatives of the transition energy."""
+        x = self.to_x(batch)
+        mask = torch.zeros(x.shape[1], dtype=torch.bool, device=self.device)
+        mask[: self.ds + self.da] = True
+        return self.sample(len(x), known=(mask, x))
+
+    # --- energies ---
+    def make_pools(self, policy, real: list[Buffer]) -> dict:
+        """Model samples and real data that the three InfoNCE problems contrast (spec §3 table);
+        each pool is split 90/10 into training and held-out rows."""
+        n, ds, da = self.args.pool_size, self.ds, self.da
+        unguided = self.sample(n)
+        with_pi = unguided.clone()  # (s, a+) with a+ ~ pi(.|s): s from the same model samples
+        s = unguided[:, :ds] * self.x_std[:ds] + self.x_mean[:ds]
+        with_pi[:, ds:ds + da] = (policy.sample(s) - self.x_mean[ds:ds + da]) / self.x_std[ds:ds + da]
+        positive = self.to_x(self.positive_buffer.all())
+        pools = {"positive": positive[torch.randperm(len(positive), device=self.device)],
+                 "unguided": unguided, "with_pi": with_pi,
+                 "real": self.to_x(union_sample(real, n)), "inpainted": self.inpaint(union_sample(real, n))}
+        return {k: (v[: int(0.9 * len(v))], v[int(0.9 * len(v)):]) for k, v in pools.items()}
+
+    PAIRS = (("positive", "unguided"), ("with_pi", "unguided"), ("real", "inpainted"))  # per energy
+
+    def energy_losses(self, pools: dict, split: int, batch: int):
+        """InfoNCE of each energy on one batch: one sigma per group, uniform over queried levels;
+        negatives are other rows of the negative pool (matching the conditioning in distribution)."""
+        sigma = self.train_sigmas[torch.randint(len(self.train_sigmas), (batch, 1), device=self.device)]
+        out = []
+        for k, (p, q) in enumerate(self.PAIRS):
+            pos, neg = pools[p][split], pools[q][split]
+            i = torch.randint(len(pos), (batch,), device=self.device)
+            j = torch.randint(len(neg), (batch, self.args.energy_negatives), device=self.device)
+            out.append(info_nce(self.energies, k, pos[i], neg[j], sigma))
+        return out
+
+    def train_energies(self, pools: dict) -> dict:
+        total = torch.zeros(3, device=self.device)
+        for _ in range(self.args.energy_steps):
+            losses = self.energy_losses(pools, 0, self.args.energy_batch_size)
+            loss = sum(l for l, _ in losses)
+            self.energy_opt.zero_grad(set_to_none=True)
+            loss.backward()  # one backward for all three energies
+            self.energy_opt.step()
+            total += torch.stack([l.detach() for l, _ in losses])
+        with torch.no_grad():
+            held = self.energy_losses(pools, 1, 2048)
+        m = {f"energy/{k}_train_loss": total[i] / max(self.args.energy_steps, 1) for i, k in enumerate(ENERGY_NAMES)}
+        for k, (l, acc) in zip(ENERGY_NAMES, held):
+            m[f"energy/{k}_heldout_loss"], m[f"energy/{k}_heldout_top1"] = l, acc
+        m["energy/chance_top1"] = 1.0 / (1 + self.args.energy_negatives)
+        return m
+
+    # --- the cycle (spec §5.4) ---
+    def cycle(self, policy, offline: Buffer, online: Buffer, timer, diagnose) -> dict:
+        a, real = self.args, [offline, online]
+        with timer("diffusion"):
+            if a.diffusion_restart:
+                self.new_model(len(self.x_mean))
+            m = self.train_diffusion(real, a.diffusion_pretrain_steps if a.diffusion_restart else a.diffusion_finetune_steps)
+        with timer("energy"):
+            pools = self.make_pools(policy, real)
+            m.update(self.train_energies(pools))
+        with timer("generation"):
+            fired_before = self.clip_fired.clone()
+            x = self.sample(a.num_generated, guided=True)
+            finite = torch.isfinite(x).all(1)
+            self.generated_buffer.replace(**self.from_x(x[finite]))
+            m["gen/nonfinite_dropped"] = 1.0 - finite.float().mean()
+            m["gen/guidance_clip_rate"] = (self.clip_fired - fired_before) / (a.num_generated * 2 * a.sample_steps)
+        with timer("diagnostics"):
+            m.update(self.diagnostics(policy, x[finite][: a.diag_samples], diagnose))
+        self.cycles += 1
+        return m
+
+    @torch.no_grad()
+    def diagnostics(self, policy, guided_x, diagnose) -> dict:
+        """Guided vs unguided samples on what each energy is for: policy log-likelihood (policy),
+        MMD to the positive buffer's states (state), dynamics error (transition, where the
+        simulator can check it). `diagnose(name, batch_dict)` adds env-specific metrics."""
+        n = len(guided_x)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.cycles)
+            unguided_x = self.sample(n)
+        positive = self.positive_buffer.sample(min(n, 2000))["obs"]
+        m, samples = {}, {}
+        for name, x in (("unguided", unguided_x), ("guided", guided_x)):
+            b = self.from_x(x[torch.isfinite(x).all(1)])
+            samples[name] = b
+            m[f"gen/{name}_policy_logprob"] = policy.log_prob(b["obs"], b["actions"]).mean()
+            m[f"gen/{name}_state_mmd"] = rbf_mmd(b["obs"][:2000], positive)
+        m.update(diagnose(samples, positive))
+        return m
+
+    def state_dict(self):
+        return {k: common.state_of(getattr(self, k)) for k in
+                ("model", "ema", "opt", "energies", "energy_opt", "positive_buffer", "generated_buffer", "clip_fired", "cycles")}
+
+    def load_state_dict(self, s):
+        for k in ("model", "ema", "opt", "energies", "energy_opt", "positive_buffer", "generated_buffer"):
+            getattr(self, k).load_state_dict(s[k])
+        self.clip_fired, self.cycles = s["clip_fired"].to(self.device), s["cycles"]
+# ==============================================================================================
+# EDIS end
+# ==============================================================================================
+
+
+# ----------------------------------------------------------------------------------------------
+# ALGO LOGIC: IQL (Kostrikov et al. 2021)
+# ----------------------------------------------------------------------------------------------
+class GaussianActor(nn.Module):
+    """pi(a|s) = N(tanh(mu(s)), exp(log_std)); acting online samples it, evaluation takes the mean."""
+
+    def __init__(self, ds: int, da: int, hidden: int):
+        super().__init__()
+        self.mu = mlp(ds, da, hidden)
+        self.log_std = nn.Parameter(torch.zeros(da))
+
+    def dist(self, s):
+        return torch.distributions.Normal(torch.tanh(self.mu(s)), self.log_std.clamp(-5, 2).exp())
+
+    def log_prob(self, s, a):
+        return self.dist(s).log_prob(a).sum(-1)
+
+    def sample(self, s):
+        return self.dist(s).sample().clamp(-1, 1)
+
+    def mode(self, s):
+        return torch.tanh(self.mu(s))
+
+
+class TwinQ(nn.Module):
+    def __init__(self, ds: int, da: int, hidden: int):
+        super().__init__()
+        self.q1, self.q2 = mlp(ds + da, 1, hidden), mlp(ds + da, 1, hidden)
+
+    def forward(self, s, a):
+        sa = torch.cat([s, a], -1)
+        return self.q1(sa).squeeze(-1), self.q2(sa).squeeze(-1)
+
+
+def expectile_loss(diff, tau: float):
+    """E[|tau - 1(diff < 0)| diff^2]: minimised by the tau-expectile of diff's distribution."""
+    return (torch.abs(tau - (diff < 0).float()) * diff**2).mean()
+
+
+class IQL:
+    def __init__(self, ds: int, da: int, args, device, total_updates: int):
+        self.args = args
+        self.actor = GaussianActor(ds, da, args.hidden).to(device)
+        self.q = TwinQ(ds, da, args.hidden).to(device)
+        self.q_target = TwinQ(ds, da, args.hidden).to(device)
+        self.q_target.load_state_dict(self.q.state_dict())
+        self.v = mlp(ds, 1, args.hidden).to(device)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.lr)
+        self.q_opt = torch.optim.Adam(self.q.parameters(), lr=args.lr)
+        self.v_opt = torch.optim.Adam(self.v.parameters(), lr=args.lr)
+        # One cosine schedule over offline and online updates together: it never restarts online.
+        self.actor_sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.actor_opt, max(total_updates, 1))
+
+    def update(self, b: dict) -> dict:
+        a = self.args
+        s, act, r, s2, done = b["obs"], b["actions"], b["rewards"], b["next_obs"], b["terminals"]
+        with torch.no_grad():
+            q_min = torch.min(*self.q_target(s, act))
+            next_v = self.v(s2).squeeze(-1)
+        v = self.v(s).squeeze(-1)
+        v_loss = expectile_loss(q_min - v, a.expectile)
+        self.v_opt.zero_grad(set_to_none=True)
+        v_loss.backward()
+        self.v_opt.step()
+
+        target = r + a.gamma * (1 - done) * next_v
+        q1, q2 = self.q(s, act)
+        q_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
+        self.q_opt.zero_grad(set_to_none=True)
+        q_loss.backward()
+        self.q_opt.step()
+
+        weight = torch.exp(a.beta * (q_min - v.detach())).clamp(max=100.0)  # AWR, clipped
+        actor_loss = -(weight * self.actor.log_prob(s, act)).mean()
+        self.actor_opt.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_opt.step()
+        self.actor_sched.step()
+
+        with torch.no_grad():
+            for p, pt in zip(self.q.parameters(), self.q_target.parameters()):
+                pt.lerp_(p, a.tau)
+        return {"losses/v": v_loss.detach(), "losses/q": q_loss.detach(), "losses/actor": actor_loss.detach(),
+                "values/q": q1.detach().mean(), "values/v": v.detach().mean()}
+
+    def state_dict(self):
+        return {k: getattr(self, k).state_dict() for k in
+                ("actor", "q", "q_target", "v", "actor_opt", "q_opt", "v_opt", "actor_sched")}
+
+    def load_state_dict(self, s):
+        for k, v in s.items():
+            getattr(self, k).load_state_dict(v)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration: every flag, and the paper's presets per dataset (spec §8)
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Args(EDISArgs):
+    # --- run ---
+    env: str = "Hopper-v4"
+    """D4RL-style name (antmaze-large-diverse-v2, hopper-medium-v2, pen-human-v1, ...) or a gymnasium id with --dataset"""
+    dataset: str | None = None
+    """override the data: a Minari id (ns/name-vN), a D4RL-layout .hdf5 path, or random:N (works offline)"""
+    preset: Literal["paper", "quick"] = "paper"
+    """paper: the paper's sizes for --env's dataset; quick: a CPU-sized run on Hopper random data (minutes)"""
+    seed: int = 0
+    """seed of numpy, torch, the envs and the sampler"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """where to train; auto picks cuda when available"""
+    exp_name: str = "edis_iql"
+    """experiment name used in the run directory"""
+    run_dir: str | None = None
+    """output directory (default runs/{env}__{exp_name}__{seed}__{time})"""
+    resume: str | None = None
+    """continue the stopped run in this directory from its last checkpoint (its config is reused)"""
+    track: bool = False
+    """also log to Weights & Biases (needs `pip install wandb`)"""
+    # --- schedule ---
+    offline_steps: int = 1_000_000
+    """learner updates on the offline data"""
+    online_steps: int = 200_000
+    """environment steps of online fine-tuning"""
+    utd: int = 1
+    """learner updates per environment step"""
+    batch_size: int = 256
+    """learner batch size"""
+    eval_every: int = 5_000
+    """online env steps between evaluations (and checkpoints)"""
+    offline_eval_every: int = 50_000
+    """offline updates between evaluations (and checkpoints)"""
+    eval_episodes: int = 10
+    """episodes per evaluation (deterministic policy)"""
+    log_every: int = 1_000
+    """learner updates between training-metric logs"""
+    normalize_states: bool = True
+    """standardize observations with the offline data's mean and std"""
+    # --- IQL ---
+    hidden: int = 256
+    """width of the actor, Q and V networks (2 hidden layers)"""
+    lr: float = 3e-4
+    """Adam learning rate of actor, Q and V"""
+    gamma: float = 0.99
+    """discount"""
+    tau: float = 0.005
+    """soft target update rate"""
+    expectile: float = 0.7
+    """expectile of the V regression"""
+    beta: float = 10.0
+    """inverse temperature of advantage-weighted regression (weights clipped at 100)"""
+
+
+# generated_ratio, expectile per dataset (EDIS configs); IQL beta = 10 everywhere.
+PRESETS = {
+    "antmaze-umaze": (0.2, 0.9), "antmaze-umaze-diverse": (0.9, 0.7),
+    "antmaze-medium-play": (0.2, 0.9), "antmaze-medium-diverse": (0.2, 0.9),
+    "antmaze-large-play": (0.1, 0.9), "antmaze-large-diverse": (0.1, 0.9),
+    "pen-human": (0.2, 0.8), "door-human": (0.2, 0.8), "relocate-human": (0.2, 0.8),
+    "halfcheetah-random": (0.2, 0.9), "halfcheetah-medium": (0.5, 0.9),
+    "halfcheetah-medium-replay": (0.8, 0.7), "halfcheetah-medium-expert": (0.7, 0.6),
+    "hopper-random": (0.8, 0.5), "hopper-medium": (0.2, 0.7),
+    "hopper-medium-replay": (0.2, 0.7), "hopper-medium-expert": (0.1, 0.7),
+    "walker2d-random": (0.5, 0.7), "walker2d-medium": (0.2, 0.7),
+    "walker2d-medium-replay": (0.8, 0.7), "walker2d-medium-expert": (0.5, 0.7),
+}
+QUICK = dict(dataset="random:20000", offline_steps=5_000, online_steps=6_000, edis_start=2_000, edis_every=2_000,
+             diffusion_width=256, diffusion_depth=3, diffusion_pretrain_steps=3_000, diffusion_finetune_steps=500,
+             sample_steps=32, num_generated=10_000, gen_batch_size=10_000, pool_size=5_000, energy_steps=1_000,
+             eval_every=2_000, offline_eval_every=5_000, eval_episodes=5, log_every=500, diag_samples=1_000)
+
+
+def preset_defaults(env: str, dataset: str | None, preset: str) -> dict:
+    d = {"env": env}
+    if preset == "quick":
+        d.update(QUICK)
+    src = common.resolve_source(env, dataset or d.get("dataset"))
+    if src.name in PRESETS:
+        d["generated_ratio"], d["expectile"] = PRESETS[src.name]
+    if src.family == "antmaze":
+        d.setdefault("eval_episodes", 100)
+    return d
+
+
+def parse_args(argv=None) -> Args:
+    """Two passes: --env/--preset/--resume pick the defaults, then every flag overrides them (so
+    `--env X --help` shows the values that run X)."""
+    argv = sys.argv[1:] if argv is None else argv
+    pre = argparse.ArgumentParser(add_help=False)
+    for f in ("--env", "--dataset", "--preset", "--resume"):
+        pre.add_argument(f)
+    known, _ = pre.parse_known_args(argv)
+    if known.resume:
+        cfg = Path(known.resume) / "config.json"
+        if not cfg.exists():
+            raise UserError(f"--resume {known.resume}: no config.json there; pass the run directory of a started run")
+        defaults = Args(**{k: v for k, v in json.loads(cfg.read_text()).items() if k in Args.__dataclass_fields__})
+    else:
+        defaults = replace(Args(), **preset_defaults(known.env or Args.env, known.dataset, known.preset or "paper"))
+    return tyro.cli(Args, default=defaults, args=argv, description=__doc__)
+
+
+def validate(args: Args):
+    checks = [
+        (args.offline_steps >= 0 and args.online_steps >= 0, "--offline-steps and --online-steps must be >= 0"),
+        (0.0 <= args.generated_ratio <= 1.0, f"--generated-ratio must be in [0, 1], got {args.generated_ratio}"),
+        (args.utd >= 1 and args.batch_size >= 1, "--utd and --batch-size must be >= 1"),
+        (args.edis_every >= 1 and args.edis_start >= 1, "--edis-every and --edis-start must be >= 1"),
+        (args.eval_every >= 1 and args.offline_eval_every >= 1, "--eval-every and --offline-eval-every must be >= 1"),
+        (args.eval_episodes >= 1, "--eval-episodes must be >= 1"),
+        (args.sample_steps >= 2, "--sample-steps must be >= 2"),
+        (min(args.num_generated, args.pool_size, args.gen_batch_size, args.positive_buffer_size) >= 10,
+         "--num-generated, --pool-size, --gen-batch-size and --positive-buffer-size must be >= 10"),
+        (min(args.diffusion_width, args.diffusion_depth, args.energy_negatives) >= 1,
+         "--diffusion-width, --diffusion-depth and --energy-negatives must be >= 1"),
+        (min(args.diffusion_pretrain_steps, args.diffusion_finetune_steps, args.energy_steps) >= 0,
+         "--diffusion-pretrain-steps, --diffusion-finetune-steps and --energy-steps must be >= 0"),
+        (0.0 <= args.expectile < 1.0, f"--expectile must be in [0, 1), got {args.expectile}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Main loop (spec §5): offline phase, then online phase with EDIS cycles
+# ----------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    validate(args)
+    resuming = args.resume is not None
+    run_dir = Path(args.resume or args.run_dir or f"runs/{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    common.seed_everything(args.seed)
+    device = common.pick_device(args.device)
+
+    task = common.load_task(args.env, args.dataset)
+    data, ds, da = task.data, task.data.observations.shape[1], task.data.actions.shape[1]
+    obs_norm = common.Normalizer.fit(data.observations) if args.normalize_states else common.Normalizer.identity(ds)
+    r_scale, r_bias = common.reward_scale_bias(task.source.family, data)
+    dims = {"obs": ds, "actions": da, "rewards": 1, "next_obs": ds, "terminals": 1}
+    offline = Buffer(len(data), dims, device)
+    offline.add(obs=obs_norm(data.observations), actions=data.actions, rewards=data.rewards * r_scale + r_bias,
+                next_obs=obs_norm(data.next_observations), terminals=data.terminals)
+    online = Buffer(max(args.online_steps, 1), dims, device)
+    edis = EDIS(args, offline, ds, da, bool(data.terminals.any()), device) if args.edis else None
+    learner = IQL(ds, da, args, device, args.offline_steps + args.online_steps * args.utd)
+
+    env = common.make_env(task.env_fn, obs_norm, args.seed)
+    evaluator = common.Evaluator(task.eval_env_fn, obs_norm, args.eval_episodes, args.seed + 10_000, task.ref)
+    counters = {"offline_step": 0, "online_step": 0, "diffusion_pretrained": False, "updates": 0}
+    timer = common.Timer()
+    state = {"learner": learner, "online": online, "counters": counters, "timer": timer.total}
+    if edis is not None:
+        state["edis"] = edis
+    ckpt = run_dir / "checkpoint.pt"
+    if resuming:
+        saved = common.load_checkpoint(ckpt, state, map_location=device)
+        counters.update(saved["counters"])
+        timer.total.update(saved["timer"])
+        common.set_rng_state(saved["rng"])
+    logger = common.Logger(run_dir, common.config_dict(args), args.track, resume=resuming)
+    print(json.dumps(common.config_dict(args), indent=1, default=str) if not resuming else f"resuming {run_dir} at {counters}")
+
+    def save():
+        common.save_checkpoint(ckpt, {**state, "rng": common.rng_state()})
+
+    def policy(obs):  # deterministic, for evaluation
+        with torch.no_grad():
+            return learner.actor.mode(torch.as_tensor(obs, device=device)).cpu().numpy()
+
+    def evaluate(step: int, phase: str) -> dict:
+        with timer("eval"):
+            m = evaluator(policy)
+        logger.log(step, {**m, "charts/phase_online": float(phase == "online")})
+        bar.set_postfix_str(f"{phase} score {m.get('eval/normalized_score', m['eval/return']):.1f}")
+        return m
+
+    def diagnose(samples: dict, positive) -> dict:  # env-specific part of the EDIS diagnostics
+        m = {}
+        if task.source.family == "locomotion":
+            for name, b in samples.items():
+                m[f"gen/{name}_dynamics_mse"] = common.dynamics_error(task.env_fn, obs_norm, b, max_n=500)
+        png = run_dir / f"edis_cycle{edis.cycles}.png"
+        common.state_scatter(png, {"offline": offline.sample(2000)["obs"], "positive buffer": positive,
+                                   **{k: v["obs"] for k, v in samples.items()}},
+                             obs_norm, maze=task.source.family == "antmaze", title=f"EDIS cycle {edis.cycles}")
+        logger.image("gen/states", png, global_step())
+        return m
+
+    def global_step() -> int:
+        return counters["offline_step"] + counters["online_step"]
+
+    def log_train(metrics: dict):
+        if counters["updates"] % args.log_every == 0:
+            logger.log(global_step(), {k: float(v) for k, v in metrics.items()})
+
+    total = args.offline_steps + args.online_steps
+    bar = tqdm(total=total, initial=global_step(), dynamic_ncols=True, mininterval=1.0)
+    stop = []  # Ctrl-C / SIGTERM: finish the current step, checkpoint, exit; a second one kills at once
+
+    def request_stop(signum, _frame):
+        stop.append(signum)
+        signal.signal(signum, signal.SIG_DFL)
+        bar.write("stopping after this step (again to kill now)")
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    last = {}
+    try:
+        # ---- offline phase ----
+        while counters["offline_step"] < args.offline_steps:
+            with timer("learner"):
+                m = learner.update(offline.sample(args.batch_size))
+            counters["offline_step"] += 1
+            counters["updates"] += 1
+            log_train(m)
+            bar.update(1)
+            if stop:
+                raise KeyboardInterrupt
+            if counters["offline_step"] % args.offline_eval_every == 0 or counters["offline_step"] == args.offline_steps:
+                last = evaluate(global_step(), "offline")
+                save()
+        if edis is not None and not counters["diffusion_pretrained"]:
+            with timer("diffusion"):
+                m = edis.train_diffusion([offline], args.diffusion_pretrain_steps)
+            logger.log(global_step(), m)
+            counters["diffusion_pretrained"] = True
+            save()
+
+        # ---- online phase ----
+        obs, _ = env.reset(seed=args.seed + counters["online_step"])
+        ep_ret, ep_len = 0.0, 0
+        n_gen = int(round(args.batch_size * args.generated_ratio))
+        while counters["online_step"] < args.online_steps:
+            with timer("env"):
+                with torch.no_grad():
+                    act = learner.actor.sample(torch.as_tensor(obs, device=device)[None])[0].cpu().numpy()
+                nxt, r, term, trunc, info = env.step(act)
+                row = dict(obs=obs[None], actions=act[None], rewards=[r * r_scale + r_bias], next_obs=nxt[None],
+                           terminals=[float(term)])  # a time-limit truncation is not a terminal
+                online.add(**row)
+                if edis is not None:
+                    edis.positive_buffer.add(**row)
+                ep_ret, ep_len = ep_ret + r, ep_len + 1
+                obs = nxt
+                if term or trunc:
+                    logger.log(global_step(), {"charts/episode_return": ep_ret, "charts/episode_length": ep_len,
+                                               "charts/episode_success": float(info.get("success", 0.0))})
+                    obs, _ = env.reset()
+                    ep_ret, ep_len = 0.0, 0
+            counters["online_step"] += 1
+            bar.update(1)
+            step = counters["online_step"]
+
+            # rho of each batch: generated samples once EDIS has produced them, else offline data
+            mix = edis.generated_buffer if edis is not None and edis.generated_buffer.size > 0 else offline
+            with timer("learner"):
+                for _ in range(args.utd):
+                    batch = common.cat_batches(online.sample(args.batch_size - n_gen), mix.sample(n_gen))
+                    m = learner.update(batch)
+                    counters["updates"] += 1
+                    log_train(m)
+
+            if edis is not None and step >= args.edis_start and (step - args.edis_start) % args.edis_every == 0:
+                m = edis.cycle(learner.actor, offline, online, timer, diagnose)
+                logger.log(global_step(), {**{k: float(v) for k, v in m.items()}, "edis/cycle": edis.cycles})
+            if step % args.eval_every == 0 or step == args.online_steps:
+                last = evaluate(global_step(), "online")
+                save()
+            if stop:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        save()
+        bar.close()
+        print(f"interrupted at {counters}; checkpoint saved. Continue with: python {Path(sys.argv[0]).name} --resume {run_dir}")
+        logger.close()
+        sys.exit(130)
+    bar.close()
+
+    t = timer.total
+    timing = {f"time/{k}_s": v for k, v in t.items()}
+    timing["time/learner_updates_per_s"] = counters["updates"] / max(t.get("learner", 0.0), 1e-9)
+    if edis is not None and edis.cycles:
+        timing["time/generated_samples_per_s"] = edis.cycles * args.num_generated / max(t.get("generation", 0.0), 1e-9)
+    logger.log(global_step(), timing)
+    print("timing: " + ", ".join(f"{k[5:]}={v:.1f}" for k, v in timing.items()))
+    score = last.get("eval/normalized_score")
+    print(f"final: env={args.env} seed={args.seed} edis={args.edis} return={last.get('eval/return', float('nan')):.2f} "
+          f"success={last.get('eval/success', float('nan')):.2f} "
+          + (f"normalized_score={score:.1f}" if score is not None else "normalized_score=n/a (no reference scores)"))
+    logger.close()
+
+
+if __name__ == "__main__":
+    common.run_main(main)
