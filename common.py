@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import sys
 import time
@@ -86,6 +87,9 @@ def resolve_source(env: str, dataset: str | None) -> Source:
         src = Source(f"{m[1]}-{m[2]}", "locomotion", "hdf5", f"{m[1]}_{m[2].replace('-', '_')}-v2",
                      LOCOMOTION_ENVS[m[1]], ref=LOCOMOTION_REF[m[1]])
     elif dataset is None:
+        if env in gym.registry:
+            raise UserError(f"--env {env} is a gymnasium env without data: add --dataset (random:N, a Minari id "
+                            f"or a .hdf5 path), or run the no-download default with --preset quick")
         raise UserError(f"unknown --env '{env}'; {ACCEPTED}")
     else:
         if env not in gym.registry:
@@ -145,7 +149,10 @@ def flatten_obs(obs) -> np.ndarray:
 
 
 def _register_robotics():
-    import gymnasium_robotics
+    import contextlib
+    import io
+    with contextlib.redirect_stderr(io.StringIO()):  # its import prints an Adroit-v1 notice to stderr
+        import gymnasium_robotics
     gym.register_envs(gymnasium_robotics)
 
 
@@ -476,6 +483,8 @@ class Buffer:
     def add(self, **batch) -> torch.Tensor:
         """Append a batch (tensors or arrays, first dim n); returns the row indices written."""
         n = len(next(iter(batch.values())))
+        if n > self.capacity:  # only the newest `capacity` rows survive a ring anyway
+            batch, n = {k: v[n - self.capacity:] for k, v in batch.items()}, self.capacity
         idx = (self.ptr + torch.arange(n, device=self.device)) % self.capacity
         for k, v in batch.items():
             self.data[k][idx] = torch.as_tensor(v, dtype=torch.float32, device=self.device).reshape(self.data[k][idx].shape)
@@ -494,13 +503,29 @@ class Buffer:
     def all(self) -> dict[str, torch.Tensor]:
         return {k: v[: self.size] for k, v in self.data.items()}
 
-    def state_dict(self):
-        return {"data": self.all(), "ptr": self.ptr, "size": self.size}
+    def state_dict(self):  # clone: a slice would save the whole preallocated storage
+        return {"data": {k: v.clone() for k, v in self.all().items()}, "ptr": self.ptr, "size": self.size}
 
     def load_state_dict(self, s):
         for k, v in s["data"].items():
             self.data[k][: len(v)] = v.to(self.device)
         self.ptr, self.size = s["ptr"], s["size"]
+
+
+TRANSITION_FIELDS = ("obs", "actions", "rewards", "next_obs", "terminals")
+
+
+def transition_dims(ds: int, da: int, **extra: int) -> dict:
+    return {"obs": ds, "actions": da, "rewards": 1, "next_obs": ds, "terminals": 1, **extra}
+
+
+def offline_buffer(data: Transitions, obs_norm: Normalizer, r_scale: float, r_bias: float, device, **extra) -> Buffer:
+    """The dataset as a device buffer in the learner's space (normalized states, transformed rewards)."""
+    ds, da = data.observations.shape[1], data.actions.shape[1]
+    buf = Buffer(len(data), transition_dims(ds, da, **{k: 1 for k in extra}), device)
+    buf.add(obs=obs_norm(data.observations), actions=data.actions, rewards=data.rewards * r_scale + r_bias,
+            next_obs=obs_norm(data.next_observations), terminals=data.terminals, **extra)
+    return buf
 
 
 def cat_batches(*batches: dict) -> dict:
@@ -528,7 +553,7 @@ class Logger:
                                     resume="allow", id=self.run_dir.name)
 
     def log(self, step: int, metrics: dict):
-        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics = {k: float(v) for k, v in metrics.items()}  # one host sync per log call, not per step
         for k, v in metrics.items():
             self.writer.add_scalar(k, v, step)
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -567,6 +592,112 @@ class Timer:
             def __exit__(self, *exc):
                 timer.total[name] = timer.total.get(name, 0.0) + time.perf_counter() - self.t
         return _Span()
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: directory, logger, evaluation, checkpoint/resume, Ctrl-C, timing report, final line
+# ---------------------------------------------------------------------------------------------
+class Run:
+    """Plumbing around a script's training loops. `state` holds what a checkpoint must restore
+    (objects with state_dict); counters, timings and RNG states are added here."""
+
+    def __init__(self, args, task: Task, obs_norm: Normalizer, state: dict, device):
+        from tqdm import tqdm
+        self.args, self.task, self.obs_norm = args, task, obs_norm
+        self.dir = Path(args.resume or args.run_dir or f"runs/{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}")
+        self.ckpt = self.dir / "checkpoint.pt"
+        self.counters = {"offline_step": 0, "online_step": 0, "updates": 0, "diffusion_pretrained": False}
+        self.timer = Timer()
+        self.state = {**state, "counters": self.counters, "timer": self.timer.total}
+        if args.resume:
+            saved = load_checkpoint(self.ckpt, self.state, map_location=device)
+            self.counters.update(saved["counters"])
+            self.timer.total.update(saved["timer"])
+            set_rng_state(saved["rng"])
+        self.logger = Logger(self.dir, config_dict(args), args.track, resume=bool(args.resume))
+        print(f"resuming {self.dir} at {self.counters}" if args.resume else json.dumps(config_dict(args), indent=1, default=str))
+        self.evaluator = Evaluator(task.eval_env_fn, obs_norm, args.eval_episodes, args.seed + 10_000, task.ref)
+        self.last_eval: dict = {}
+        self.bar = tqdm(total=args.offline_steps + args.online_steps, initial=self.step, dynamic_ncols=True, mininterval=1.0)
+        self.stop_requested = False
+        signal.signal(signal.SIGINT, self._request_stop)
+        signal.signal(signal.SIGTERM, self._request_stop)
+
+    def _request_stop(self, signum, _frame):
+        self.stop_requested = True
+        signal.signal(signum, signal.SIG_DFL)  # a second signal kills at once
+        self.bar.write("stopping after this step (again to kill now)")
+
+    @property
+    def step(self) -> int:
+        return self.counters["offline_step"] + self.counters["online_step"]
+
+    def tick(self, phase: str):
+        """One offline update or online env step is complete: a safe point to stop at."""
+        self.counters[f"{phase}_step"] += 1
+        self.bar.update(1)
+
+    def check_stop(self):
+        if self.stop_requested:
+            raise KeyboardInterrupt
+
+    def log_train(self, metrics: dict):
+        """Called once per learner update; writes to disk every log_every updates only."""
+        self.counters["updates"] += 1
+        if self.counters["updates"] % self.args.log_every == 0:
+            self.logger.log(self.step, metrics)
+
+    def evaluate_and_save(self, policy, phase: str):
+        with self.timer("eval"):
+            m = self.evaluator(policy)
+        self.logger.log(self.step, {**m, "charts/phase_online": float(phase == "online")})
+        self.bar.set_postfix_str(f"{phase} score {m.get('eval/normalized_score', m['eval/return']):.1f}")
+        self.last_eval = m
+        self.save()
+
+    def save(self):
+        save_checkpoint(self.ckpt, {**self.state, "rng": rng_state()})
+
+    def diagnose(self, samples: dict, states: dict, cycle: int) -> dict:
+        """Env-specific EDIS diagnostics: dynamics error against the simulator (locomotion) and a
+        picture of the state sets, saved in the run directory and logged."""
+        m = {}
+        if self.task.source.family == "locomotion":
+            for name, b in samples.items():
+                m[f"gen/{name}_dynamics_mse"] = dynamics_error(self.task.env_fn, self.obs_norm, b)
+        png = self.dir / f"edis_cycle{cycle}.png"
+        state_scatter(png, states, self.obs_norm, maze=self.task.source.family == "antmaze", title=f"EDIS cycle {cycle}")
+        self.logger.image("gen/states", png, self.step)
+        return m
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is KeyboardInterrupt:
+            self.save()
+            self.bar.close()
+            self.logger.close()
+            print(f"interrupted at {self.counters}; checkpoint saved. Continue with: "
+                  f"python {Path(sys.argv[0]).name} --resume {self.dir}")
+            sys.exit(130)
+
+    def finish(self, generated: int = 0):
+        """Timing breakdown and the final score line."""
+        self.bar.close()
+        t = self.timer.total
+        timing = {f"time/{k}_s": v for k, v in t.items()}
+        timing["time/learner_updates_per_s"] = self.counters["updates"] / max(t.get("learner", 0.0), 1e-9)
+        if generated:
+            timing["time/generated_samples_per_s"] = generated / max(t.get("generation", 0.0), 1e-9)
+        self.logger.log(self.step, timing)
+        print("timing: " + ", ".join(f"{k[5:]}={v:.1f}" for k, v in timing.items()))
+        e = self.last_eval
+        score = e.get("eval/normalized_score")
+        print(f"final: env={self.args.env} seed={self.args.seed} edis={self.args.edis} "
+              f"return={e.get('eval/return', float('nan')):.2f} success={e.get('eval/success', float('nan')):.2f} "
+              + (f"normalized_score={score:.1f}" if score is not None else "normalized_score=n/a (no reference scores)"))
+        self.logger.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -620,6 +751,54 @@ def load_into(objects: dict, state: dict):
             v.load_state_dict(state[k])
         elif isinstance(v, dict):
             load_into(v, state[k])
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: presets as defaults, every flag overrides; checks shared by both scripts
+# ---------------------------------------------------------------------------------------------
+def parse_args(args_cls, preset_defaults, description: str, argv=None):
+    """Two passes: --env/--dataset/--preset/--resume pick the defaults (the paper preset of the env,
+    or a resumed run's config), then every flag overrides them, so `--env X --help` shows X's values."""
+    import argparse
+    from dataclasses import replace
+
+    import tyro
+    argv = sys.argv[1:] if argv is None else argv
+    pre = argparse.ArgumentParser(add_help=False)
+    for f in ("--env", "--dataset", "--preset", "--resume"):
+        pre.add_argument(f)
+    known, _ = pre.parse_known_args(argv)
+    if known.resume:
+        cfg = Path(known.resume) / "config.json"
+        if not cfg.exists():
+            raise UserError(f"--resume {known.resume}: no config.json there; pass the run directory of a started run")
+        saved = json.loads(cfg.read_text())
+        defaults = args_cls(**{k: v for k, v in saved.items() if k in args_cls.__dataclass_fields__})
+    else:
+        defaults = replace(args_cls(), **preset_defaults(known.env or args_cls.env, known.dataset, known.preset or "paper"))
+    return tyro.cli(args_cls, default=defaults, args=argv, description=description)
+
+
+def validate_args(args):
+    """Checks on the flags both scripts share; each message names the flag and the valid range."""
+    checks = [
+        (args.offline_steps >= 0 and args.online_steps >= 0, "--offline-steps and --online-steps must be >= 0"),
+        (0.0 <= args.generated_ratio <= 1.0, f"--generated-ratio must be in [0, 1], got {args.generated_ratio}"),
+        (args.utd >= 1 and args.batch_size >= 1, "--utd and --batch-size must be >= 1"),
+        (args.edis_every >= 1 and args.edis_start >= 1, "--edis-every and --edis-start must be >= 1"),
+        (args.eval_every >= 1 and args.offline_eval_every >= 1, "--eval-every and --offline-eval-every must be >= 1"),
+        (args.eval_episodes >= 1 and args.log_every >= 1, "--eval-episodes and --log-every must be >= 1"),
+        (args.sample_steps >= 2, "--sample-steps must be >= 2"),
+        (min(args.num_generated, args.pool_size, args.gen_batch_size, args.positive_buffer_size, args.diag_samples) >= 10,
+         "--num-generated, --pool-size, --gen-batch-size, --positive-buffer-size and --diag-samples must be >= 10"),
+        (min(args.diffusion_width, args.diffusion_depth, args.energy_negatives, args.energy_batch_size) >= 1,
+         "--diffusion-width, --diffusion-depth, --energy-negatives and --energy-batch-size must be >= 1"),
+        (min(args.diffusion_pretrain_steps, args.diffusion_finetune_steps, args.energy_steps) >= 0,
+         "--diffusion-pretrain-steps, --diffusion-finetune-steps and --energy-steps must be >= 0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
 
 
 def config_dict(args) -> dict:

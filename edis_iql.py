@@ -9,22 +9,14 @@ Design and math: EDIS_SPEC.md. Run `python edis_iql.py --help` for every flag.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import signal
-import sys
-import time
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import tyro
-from tqdm import tqdm
 
 import common
 from common import Buffer, UserError
@@ -266,9 +258,8 @@ class EDIS:
         self.energy_opt = torch.optim.Adam(self.energies.parameters(), lr=args.energy_lr)
         self.weights = torch.tensor([args.state_guidance, args.policy_guidance, args.transition_guidance], device=device)
         self.new_model(dim)
-        buf_dims = {f: self.dims[f] for f in ["obs", "actions", "rewards", "next_obs", "terminals"]}
-        self.positive_buffer = Buffer(args.positive_buffer_size, buf_dims, device)
-        self.generated_buffer = Buffer(args.num_generated, buf_dims, device)
+        self.positive_buffer = Buffer(args.positive_buffer_size, common.transition_dims(ds, da), device)
+        self.generated_buffer = Buffer(args.num_generated, common.transition_dims(ds, da), device)
         self.sigmas = karras_sigmas(args.sample_steps)
         self.train_sigmas = torch.tensor(queried_sigmas(args.sample_steps), device=device)
         self.clip = 10.0 * math.sqrt(dim)  # a safety net only: a correct energy stays far below it
@@ -402,15 +393,15 @@ class EDIS:
             m["gen/nonfinite_dropped"] = 1.0 - finite.float().mean()
             m["gen/guidance_clip_rate"] = (self.clip_fired - fired_before) / (a.num_generated * 2 * a.sample_steps)
         with timer("diagnostics"):
-            m.update(self.diagnostics(policy, x[finite][: a.diag_samples], diagnose))
+            m.update(self.diagnostics(policy, x[finite][: a.diag_samples], offline, diagnose))
         self.cycles += 1
         return m
 
     @torch.no_grad()
-    def diagnostics(self, policy, guided_x, diagnose) -> dict:
-        """Guided vs unguided samples on what each energy is for: policy log-likelihood (policy),
-        MMD to the positive buffer's states (state), dynamics error (transition, where the
-        simulator can check it). `diagnose(name, batch_dict)` adds env-specific metrics."""
+    def diagnostics(self, policy, guided_x, offline: Buffer, diagnose) -> dict:
+        """Guided vs unguided samples (same count, same seed) on what each energy is for: policy
+        log-likelihood (policy energy), MMD to the positive buffer's states (state energy);
+        `diagnose(samples, states, cycle)` adds the env-specific checks (dynamics error, picture)."""
         n = len(guided_x)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.cycles)
@@ -422,7 +413,9 @@ class EDIS:
             samples[name] = b
             m[f"gen/{name}_policy_logprob"] = policy.log_prob(b["obs"], b["actions"]).mean()
             m[f"gen/{name}_state_mmd"] = rbf_mmd(b["obs"][:2000], positive)
-        m.update(diagnose(samples, positive))
+        states = {"offline": offline.sample(2000)["obs"], "positive buffer": positive,
+                  **{k: b["obs"] for k, b in samples.items()}}
+        m.update(diagnose(samples, states, self.cycles))
         return m
 
     def state_dict(self):
@@ -621,151 +614,52 @@ def preset_defaults(env: str, dataset: str | None, preset: str) -> dict:
     return d
 
 
-def parse_args(argv=None) -> Args:
-    """Two passes: --env/--preset/--resume pick the defaults, then every flag overrides them (so
-    `--env X --help` shows the values that run X)."""
-    argv = sys.argv[1:] if argv is None else argv
-    pre = argparse.ArgumentParser(add_help=False)
-    for f in ("--env", "--dataset", "--preset", "--resume"):
-        pre.add_argument(f)
-    known, _ = pre.parse_known_args(argv)
-    if known.resume:
-        cfg = Path(known.resume) / "config.json"
-        if not cfg.exists():
-            raise UserError(f"--resume {known.resume}: no config.json there; pass the run directory of a started run")
-        defaults = Args(**{k: v for k, v in json.loads(cfg.read_text()).items() if k in Args.__dataclass_fields__})
-    else:
-        defaults = replace(Args(), **preset_defaults(known.env or Args.env, known.dataset, known.preset or "paper"))
-    return tyro.cli(Args, default=defaults, args=argv, description=__doc__)
-
-
 def validate(args: Args):
-    checks = [
-        (args.offline_steps >= 0 and args.online_steps >= 0, "--offline-steps and --online-steps must be >= 0"),
-        (0.0 <= args.generated_ratio <= 1.0, f"--generated-ratio must be in [0, 1], got {args.generated_ratio}"),
-        (args.utd >= 1 and args.batch_size >= 1, "--utd and --batch-size must be >= 1"),
-        (args.edis_every >= 1 and args.edis_start >= 1, "--edis-every and --edis-start must be >= 1"),
-        (args.eval_every >= 1 and args.offline_eval_every >= 1, "--eval-every and --offline-eval-every must be >= 1"),
-        (args.eval_episodes >= 1, "--eval-episodes must be >= 1"),
-        (args.sample_steps >= 2, "--sample-steps must be >= 2"),
-        (min(args.num_generated, args.pool_size, args.gen_batch_size, args.positive_buffer_size) >= 10,
-         "--num-generated, --pool-size, --gen-batch-size and --positive-buffer-size must be >= 10"),
-        (min(args.diffusion_width, args.diffusion_depth, args.energy_negatives) >= 1,
-         "--diffusion-width, --diffusion-depth and --energy-negatives must be >= 1"),
-        (min(args.diffusion_pretrain_steps, args.diffusion_finetune_steps, args.energy_steps) >= 0,
-         "--diffusion-pretrain-steps, --diffusion-finetune-steps and --energy-steps must be >= 0"),
-        (0.0 <= args.expectile < 1.0, f"--expectile must be in [0, 1), got {args.expectile}"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise UserError(msg)
+    common.validate_args(args)
+    if not 0.0 <= args.expectile < 1.0:
+        raise UserError(f"--expectile must be in [0, 1), got {args.expectile}")
 
 
 # ----------------------------------------------------------------------------------------------
 # Main loop (spec §5): offline phase, then online phase with EDIS cycles
 # ----------------------------------------------------------------------------------------------
 def main(argv=None):
-    args = parse_args(argv)
+    args = common.parse_args(Args, preset_defaults, __doc__, argv)
     validate(args)
-    resuming = args.resume is not None
-    run_dir = Path(args.resume or args.run_dir or f"runs/{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}")
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
-
     task = common.load_task(args.env, args.dataset)
     data, ds, da = task.data, task.data.observations.shape[1], task.data.actions.shape[1]
     obs_norm = common.Normalizer.fit(data.observations) if args.normalize_states else common.Normalizer.identity(ds)
     r_scale, r_bias = common.reward_scale_bias(task.source.family, data)
-    dims = {"obs": ds, "actions": da, "rewards": 1, "next_obs": ds, "terminals": 1}
-    offline = Buffer(len(data), dims, device)
-    offline.add(obs=obs_norm(data.observations), actions=data.actions, rewards=data.rewards * r_scale + r_bias,
-                next_obs=obs_norm(data.next_observations), terminals=data.terminals)
-    online = Buffer(max(args.online_steps, 1), dims, device)
+    offline = common.offline_buffer(data, obs_norm, r_scale, r_bias, device)
+    online = Buffer(max(args.online_steps, 1), common.transition_dims(ds, da), device)
     edis = EDIS(args, offline, ds, da, bool(data.terminals.any()), device) if args.edis else None
     learner = IQL(ds, da, args, device, args.offline_steps + args.online_steps * args.utd)
-
     env = common.make_env(task.env_fn, obs_norm, args.seed)
-    evaluator = common.Evaluator(task.eval_env_fn, obs_norm, args.eval_episodes, args.seed + 10_000, task.ref)
-    counters = {"offline_step": 0, "online_step": 0, "diffusion_pretrained": False, "updates": 0}
-    timer = common.Timer()
-    state = {"learner": learner, "online": online, "counters": counters, "timer": timer.total}
-    if edis is not None:
-        state["edis"] = edis
-    ckpt = run_dir / "checkpoint.pt"
-    if resuming:
-        saved = common.load_checkpoint(ckpt, state, map_location=device)
-        counters.update(saved["counters"])
-        timer.total.update(saved["timer"])
-        common.set_rng_state(saved["rng"])
-    logger = common.Logger(run_dir, common.config_dict(args), args.track, resume=resuming)
-    print(json.dumps(common.config_dict(args), indent=1, default=str) if not resuming else f"resuming {run_dir} at {counters}")
-
-    def save():
-        common.save_checkpoint(ckpt, {**state, "rng": common.rng_state()})
+    run = common.Run(args, task, obs_norm, {"learner": learner, "online": online, **({"edis": edis} if edis else {})}, device)
+    counters, timer = run.counters, run.timer
 
     def policy(obs):  # deterministic, for evaluation
         with torch.no_grad():
             return learner.actor.mode(torch.as_tensor(obs, device=device)).cpu().numpy()
 
-    def evaluate(step: int, phase: str) -> dict:
-        with timer("eval"):
-            m = evaluator(policy)
-        logger.log(step, {**m, "charts/phase_online": float(phase == "online")})
-        bar.set_postfix_str(f"{phase} score {m.get('eval/normalized_score', m['eval/return']):.1f}")
-        return m
-
-    def diagnose(samples: dict, positive) -> dict:  # env-specific part of the EDIS diagnostics
-        m = {}
-        if task.source.family == "locomotion":
-            for name, b in samples.items():
-                m[f"gen/{name}_dynamics_mse"] = common.dynamics_error(task.env_fn, obs_norm, b, max_n=500)
-        png = run_dir / f"edis_cycle{edis.cycles}.png"
-        common.state_scatter(png, {"offline": offline.sample(2000)["obs"], "positive buffer": positive,
-                                   **{k: v["obs"] for k, v in samples.items()}},
-                             obs_norm, maze=task.source.family == "antmaze", title=f"EDIS cycle {edis.cycles}")
-        logger.image("gen/states", png, global_step())
-        return m
-
-    def global_step() -> int:
-        return counters["offline_step"] + counters["online_step"]
-
-    def log_train(metrics: dict):
-        if counters["updates"] % args.log_every == 0:
-            logger.log(global_step(), {k: float(v) for k, v in metrics.items()})
-
-    total = args.offline_steps + args.online_steps
-    bar = tqdm(total=total, initial=global_step(), dynamic_ncols=True, mininterval=1.0)
-    stop = []  # Ctrl-C / SIGTERM: finish the current step, checkpoint, exit; a second one kills at once
-
-    def request_stop(signum, _frame):
-        stop.append(signum)
-        signal.signal(signum, signal.SIG_DFL)
-        bar.write("stopping after this step (again to kill now)")
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-    last = {}
-    try:
-        # ---- offline phase ----
+    with run:
+        # ---- offline phase: IQL on the dataset, then the diffusion model on the dataset ----
         while counters["offline_step"] < args.offline_steps:
             with timer("learner"):
-                m = learner.update(offline.sample(args.batch_size))
-            counters["offline_step"] += 1
-            counters["updates"] += 1
-            log_train(m)
-            bar.update(1)
-            if stop:
-                raise KeyboardInterrupt
+                run.log_train(learner.update(offline.sample(args.batch_size)))
+            run.tick("offline")
             if counters["offline_step"] % args.offline_eval_every == 0 or counters["offline_step"] == args.offline_steps:
-                last = evaluate(global_step(), "offline")
-                save()
+                run.evaluate_and_save(policy, "offline")
+            run.check_stop()
         if edis is not None and not counters["diffusion_pretrained"]:
             with timer("diffusion"):
-                m = edis.train_diffusion([offline], args.diffusion_pretrain_steps)
-            logger.log(global_step(), m)
+                run.logger.log(run.step, edis.train_diffusion([offline], args.diffusion_pretrain_steps))
             counters["diffusion_pretrained"] = True
-            save()
+            run.save()
 
-        # ---- online phase ----
+        # ---- online phase: act, store, UTD updates on (1-rho) online + rho generated, EDIS cycles ----
         obs, _ = env.reset(seed=args.seed + counters["online_step"])
         ep_ret, ep_len = 0.0, 0
         n_gen = int(round(args.batch_size * args.generated_ratio))
@@ -779,54 +673,26 @@ def main(argv=None):
                 online.add(**row)
                 if edis is not None:
                     edis.positive_buffer.add(**row)
-                ep_ret, ep_len = ep_ret + r, ep_len + 1
-                obs = nxt
+                ep_ret, ep_len, obs = ep_ret + r, ep_len + 1, nxt
                 if term or trunc:
-                    logger.log(global_step(), {"charts/episode_return": ep_ret, "charts/episode_length": ep_len,
-                                               "charts/episode_success": float(info.get("success", 0.0))})
-                    obs, _ = env.reset()
-                    ep_ret, ep_len = 0.0, 0
-            counters["online_step"] += 1
-            bar.update(1)
+                    run.logger.log(run.step, {"charts/episode_return": ep_ret, "charts/episode_length": ep_len,
+                                              "charts/episode_success": float(info.get("success", 0.0))})
+                    (obs, _), ep_ret, ep_len = env.reset(), 0.0, 0
+            run.tick("online")
             step = counters["online_step"]
-
-            # rho of each batch: generated samples once EDIS has produced them, else offline data
+            # the rho share: generated samples once EDIS has made them; before that, and with
+            # --no-edis, the offline data itself (the baseline)
             mix = edis.generated_buffer if edis is not None and edis.generated_buffer.size > 0 else offline
             with timer("learner"):
                 for _ in range(args.utd):
-                    batch = common.cat_batches(online.sample(args.batch_size - n_gen), mix.sample(n_gen))
-                    m = learner.update(batch)
-                    counters["updates"] += 1
-                    log_train(m)
-
+                    run.log_train(learner.update(common.cat_batches(online.sample(args.batch_size - n_gen), mix.sample(n_gen))))
             if edis is not None and step >= args.edis_start and (step - args.edis_start) % args.edis_every == 0:
-                m = edis.cycle(learner.actor, offline, online, timer, diagnose)
-                logger.log(global_step(), {**{k: float(v) for k, v in m.items()}, "edis/cycle": edis.cycles})
+                m = edis.cycle(learner.actor, offline, online, timer, run.diagnose)
+                run.logger.log(run.step, {**m, "edis/cycle": edis.cycles})
             if step % args.eval_every == 0 or step == args.online_steps:
-                last = evaluate(global_step(), "online")
-                save()
-            if stop:
-                raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        save()
-        bar.close()
-        print(f"interrupted at {counters}; checkpoint saved. Continue with: python {Path(sys.argv[0]).name} --resume {run_dir}")
-        logger.close()
-        sys.exit(130)
-    bar.close()
-
-    t = timer.total
-    timing = {f"time/{k}_s": v for k, v in t.items()}
-    timing["time/learner_updates_per_s"] = counters["updates"] / max(t.get("learner", 0.0), 1e-9)
-    if edis is not None and edis.cycles:
-        timing["time/generated_samples_per_s"] = edis.cycles * args.num_generated / max(t.get("generation", 0.0), 1e-9)
-    logger.log(global_step(), timing)
-    print("timing: " + ", ".join(f"{k[5:]}={v:.1f}" for k, v in timing.items()))
-    score = last.get("eval/normalized_score")
-    print(f"final: env={args.env} seed={args.seed} edis={args.edis} return={last.get('eval/return', float('nan')):.2f} "
-          f"success={last.get('eval/success', float('nan')):.2f} "
-          + (f"normalized_score={score:.1f}" if score is not None else "normalized_score=n/a (no reference scores)"))
-    logger.close()
+                run.evaluate_and_save(policy, "online")
+            run.check_stop()
+    run.finish(generated=edis.cycles * args.num_generated if edis else 0)
 
 
 if __name__ == "__main__":
