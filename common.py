@@ -12,6 +12,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, fields
+from typing import Literal
 from pathlib import Path
 
 import gymnasium as gym
@@ -754,8 +755,59 @@ def load_into(objects: dict, state: dict):
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line: presets as defaults, every flag overrides; checks shared by both scripts
+# Command line: the shared flags, presets as defaults, checks shared by both scripts
 # ---------------------------------------------------------------------------------------------
+@dataclass
+class RunArgs:
+    """Flags both scripts share outside the EDIS section."""
+    # --- run ---
+    env: str = "Hopper-v4"
+    """D4RL-style name (antmaze-large-diverse-v2, hopper-medium-v2, pen-human-v1, ...) or a gymnasium id with --dataset"""
+    dataset: str | None = None
+    """override the data: a Minari id (ns/name-vN), a D4RL-layout .hdf5 path, or random:N (works offline)"""
+    preset: Literal["paper", "quick"] = "paper"
+    """paper: the paper's sizes for --env's dataset; quick: a CPU-sized run on Hopper random data (minutes)"""
+    seed: int = 0
+    """seed of numpy, torch, the envs and the sampler"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """where to train; auto picks cuda when available"""
+    exp_name: str = "edis"
+    """experiment name used in the run directory"""
+    run_dir: str | None = None
+    """output directory (default runs/{env}__{exp_name}__{seed}__{time})"""
+    resume: str | None = None
+    """continue the stopped run in this directory from its last checkpoint (its config is reused)"""
+    track: bool = False
+    """also log to Weights & Biases (needs `pip install wandb`)"""
+    # --- schedule ---
+    offline_steps: int = 1_000_000
+    """learner updates on the offline data"""
+    online_steps: int = 200_000
+    """environment steps of online fine-tuning"""
+    utd: int = 1
+    """learner updates per environment step"""
+    batch_size: int = 256
+    """learner batch size"""
+    eval_every: int = 5_000
+    """online env steps between evaluations (and checkpoints)"""
+    offline_eval_every: int = 50_000
+    """offline updates between evaluations (and checkpoints)"""
+    eval_episodes: int = 10
+    """episodes per evaluation (deterministic policy)"""
+    log_every: int = 1_000
+    """learner updates between training-metric logs"""
+    normalize_states: bool = True
+    """standardize observations with the offline data's mean and std"""
+
+
+# --preset quick: the whole pipeline (offline, pretraining, 2 EDIS cycles, evaluation) on Hopper
+# random data, small enough for a 2-core CPU in minutes; needs no download.
+QUICK = dict(dataset="random:20000", offline_steps=5_000, online_steps=6_000, edis_start=2_000, edis_every=2_000,
+             diffusion_width=256, diffusion_depth=3, diffusion_pretrain_steps=3_000, diffusion_finetune_steps=500,
+             sample_steps=32, num_generated=10_000, gen_batch_size=10_000, pool_size=5_000, energy_steps=1_000,
+             eval_every=2_000, offline_eval_every=5_000, eval_episodes=5, log_every=500, diag_samples=1_000)
+
+
 def parse_args(args_cls, preset_defaults, description: str, argv=None):
     """Two passes: --env/--dataset/--preset/--resume pick the defaults (the paper preset of the env,
     or a resumed run's config), then every flag overrides them, so `--env X --help` shows X's values."""
@@ -775,7 +827,10 @@ def parse_args(args_cls, preset_defaults, description: str, argv=None):
         saved = json.loads(cfg.read_text())
         defaults = args_cls(**{k: v for k, v in saved.items() if k in args_cls.__dataclass_fields__})
     else:
-        defaults = replace(args_cls(), **preset_defaults(known.env or args_cls.env, known.dataset, known.preset or "paper"))
+        try:
+            defaults = replace(args_cls(), **preset_defaults(known.env or args_cls.env, known.dataset, known.preset or "paper"))
+        except UserError:  # no preset for an unresolvable --env; load_task reports it after parsing (--help still works)
+            defaults = args_cls()
     return tyro.cli(args_cls, default=defaults, args=argv, description=description)
 
 

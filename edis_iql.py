@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
@@ -529,45 +528,9 @@ class IQL:
 # Configuration: every flag, and the paper's presets per dataset (spec §8)
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class Args(EDISArgs):
-    # --- run ---
-    env: str = "Hopper-v4"
-    """D4RL-style name (antmaze-large-diverse-v2, hopper-medium-v2, pen-human-v1, ...) or a gymnasium id with --dataset"""
-    dataset: str | None = None
-    """override the data: a Minari id (ns/name-vN), a D4RL-layout .hdf5 path, or random:N (works offline)"""
-    preset: Literal["paper", "quick"] = "paper"
-    """paper: the paper's sizes for --env's dataset; quick: a CPU-sized run on Hopper random data (minutes)"""
-    seed: int = 0
-    """seed of numpy, torch, the envs and the sampler"""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """where to train; auto picks cuda when available"""
+class Args(EDISArgs, common.RunArgs):
     exp_name: str = "edis_iql"
     """experiment name used in the run directory"""
-    run_dir: str | None = None
-    """output directory (default runs/{env}__{exp_name}__{seed}__{time})"""
-    resume: str | None = None
-    """continue the stopped run in this directory from its last checkpoint (its config is reused)"""
-    track: bool = False
-    """also log to Weights & Biases (needs `pip install wandb`)"""
-    # --- schedule ---
-    offline_steps: int = 1_000_000
-    """learner updates on the offline data"""
-    online_steps: int = 200_000
-    """environment steps of online fine-tuning"""
-    utd: int = 1
-    """learner updates per environment step"""
-    batch_size: int = 256
-    """learner batch size"""
-    eval_every: int = 5_000
-    """online env steps between evaluations (and checkpoints)"""
-    offline_eval_every: int = 50_000
-    """offline updates between evaluations (and checkpoints)"""
-    eval_episodes: int = 10
-    """episodes per evaluation (deterministic policy)"""
-    log_every: int = 1_000
-    """learner updates between training-metric logs"""
-    normalize_states: bool = True
-    """standardize observations with the offline data's mean and std"""
     # --- IQL ---
     hidden: int = 256
     """width of the actor, Q and V networks (2 hidden layers)"""
@@ -596,16 +559,10 @@ PRESETS = {
     "walker2d-random": (0.5, 0.7), "walker2d-medium": (0.2, 0.7),
     "walker2d-medium-replay": (0.8, 0.7), "walker2d-medium-expert": (0.5, 0.7),
 }
-QUICK = dict(dataset="random:20000", offline_steps=5_000, online_steps=6_000, edis_start=2_000, edis_every=2_000,
-             diffusion_width=256, diffusion_depth=3, diffusion_pretrain_steps=3_000, diffusion_finetune_steps=500,
-             sample_steps=32, num_generated=10_000, gen_batch_size=10_000, pool_size=5_000, energy_steps=1_000,
-             eval_every=2_000, offline_eval_every=5_000, eval_episodes=5, log_every=500, diag_samples=1_000)
 
 
 def preset_defaults(env: str, dataset: str | None, preset: str) -> dict:
-    d = {"env": env}
-    if preset == "quick":
-        d.update(QUICK)
+    d = {"env": env, **(common.QUICK if preset == "quick" else {})}
     src = common.resolve_source(env, dataset or d.get("dataset"))
     if src.name in PRESETS:
         d["generated_ratio"], d["expectile"] = PRESETS[src.name]

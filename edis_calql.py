@@ -1,0 +1,773 @@
+"""EDIS + Cal-QL: Energy-guided Diffusion Sampling for offline-to-online RL (Liu et al., ICML 2024,
+https://proceedings.mlr.press/v235/liu24ao.html) on top of Calibrated Q-Learning (Nakamoto et al., 2023).
+
+Offline: Cal-QL on the dataset, and an EDM diffusion model of its transitions. Online: every
+`edis_every` env steps, fine-tune the diffusion model, learn three energies (state, policy,
+transition) by contrast, and replace the generated buffer with energy-guided samples that follow
+the current policy's distribution; the learner trains on online + generated transitions.
+Design and math: EDIS_SPEC.md. Run `python edis_calql.py --help` for every flag.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from common import Buffer, UserError
+
+
+# ==============================================================================================
+# EDIS begin: everything below up to "EDIS end" is the same text in edis_iql.py and edis_calql.py
+# ==============================================================================================
+@dataclass
+class EDISArgs:
+    # --- EDIS schedule ---
+    edis: bool = True
+    """use EDIS; --no-edis replays offline data in place of generated data (the baseline)"""
+    edis_start: int = 10_000
+    """online transitions collected before the first EDIS cycle (offline data fills the share until then)"""
+    edis_every: int = 10_000
+    """online env steps between EDIS cycles"""
+    generated_ratio: float = 0.5
+    """share of each online learner batch drawn from the generated buffer (rho)"""
+    num_generated: int = 100_000
+    """guided samples generated per cycle; they replace the generated buffer"""
+    gen_batch_size: int = 25_000
+    """samples per batched sampler call"""
+    positive_buffer_size: int = 10_000
+    """most recent online transitions that stand for the current policy's state distribution d^pi"""
+    # --- diffusion model (EDM over normalized transitions) ---
+    diffusion_width: int = 1024
+    """residual MLP width of the denoiser"""
+    diffusion_depth: int = 6
+    """residual blocks of the denoiser"""
+    diffusion_lr: float = 3e-4
+    """AdamW learning rate of the denoiser"""
+    diffusion_batch_size: int = 256
+    """denoiser training batch"""
+    diffusion_pretrain_steps: int = 100_000
+    """denoiser updates on the offline data before the online phase"""
+    diffusion_finetune_steps: int = 10_000
+    """denoiser updates on offline + online data at each cycle (warm start)"""
+    diffusion_restart: bool = False
+    """retrain the denoiser from scratch (pretrain steps) at each cycle instead of fine-tuning"""
+    sample_steps: int = 128
+    """Heun sampler steps (sigma from 80 to 0.002)"""
+    # --- energies (noise-conditioned density ratios, InfoNCE) ---
+    energy_steps: int = 4_000
+    """energy training steps per cycle"""
+    energy_batch_size: int = 256
+    """InfoNCE groups per energy training step"""
+    energy_negatives: int = 10
+    """negatives per positive (K)"""
+    energy_lr: float = 1e-3
+    """Adam learning rate of the energies"""
+    pool_size: int = 20_000
+    """unguided and inpainted model samples drawn per cycle to train the energies"""
+    state_guidance: float = 1.0
+    """weight of the state energy in the guided score (0 turns it off)"""
+    policy_guidance: float = 1.0
+    """weight of the policy energy in the guided score (0 turns it off)"""
+    transition_guidance: float = 1.0
+    """weight of the transition energy in the guided score (0 turns it off)"""
+    diag_samples: int = 2_000
+    """unguided and guided samples (same seed) compared by the per-cycle diagnostics"""
+
+
+SIGMA_MIN, SIGMA_MAX, SIGMA_RHO = 0.002, 80.0, 7.0
+S_CHURN, S_NOISE = 80.0, 1.003
+ENERGY_NAMES = ("state", "policy", "transition")
+
+
+def edm_scalings(sigma: torch.Tensor):
+    """EDM preconditioning with sigma_data = 1 (Karras et al. 2022, Table 1)."""
+    c_skip = 1.0 / (sigma**2 + 1.0)
+    c_out = sigma / torch.sqrt(sigma**2 + 1.0)
+    c_in = 1.0 / torch.sqrt(sigma**2 + 1.0)
+    return c_skip, c_out, c_in, torch.log(sigma) / 4.0
+
+
+class FourierFeatures(nn.Module):
+    """Fixed random Fourier features of c_noise(sigma)."""
+
+    def __init__(self, n_freq: int = 16):
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(n_freq) * 2 * math.pi)
+        self.dim = 2 * n_freq
+
+    def forward(self, c_noise):  # (B, 1) -> (B, 2 n_freq)
+        f = c_noise * self.freqs
+        return torch.cat([f.cos(), f.sin()], dim=-1)
+
+
+class Denoiser(nn.Module):
+    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise), F a residual MLP (spec §2)."""
+
+    def __init__(self, dim: int, width: int, depth: int, dim_t: int = 256):
+        super().__init__()
+        self.fourier = FourierFeatures()
+        self.time = nn.Sequential(nn.Linear(self.fourier.dim, dim_t), nn.SiLU(), nn.Linear(dim_t, dim_t))
+        self.proj = nn.Linear(dim, dim_t)
+        self.inp = nn.Linear(dim_t, width)
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.out = nn.Linear(width, dim)
+
+    def forward(self, x, sigma):  # sigma: (B, 1)
+        c_skip, c_out, c_in, c_noise = edm_scalings(sigma)
+        h = self.inp(self.proj(c_in * x) + self.time(self.fourier(c_noise)))
+        for block in self.blocks:
+            h = h + block(F.relu(h))
+        return c_skip * x + c_out * self.out(F.relu(h))
+
+
+def diffusion_loss(model: Denoiser, x):
+    """EDM loss: ln sigma ~ N(-1.2, 1.2^2), weight (sigma^2 + 1) / sigma^2, mean over coordinates."""
+    sigma = torch.exp(torch.randn(len(x), 1, device=x.device) * 1.2 - 1.2)
+    weight = (sigma**2 + 1.0) / sigma**2
+    return (weight * (model(x + sigma * torch.randn_like(x), sigma) - x) ** 2).mean()
+
+
+def karras_sigmas(n: int) -> list[float]:
+    """sigma_i = (max^(1/rho) + i/(n-1) (min^(1/rho) - max^(1/rho)))^rho, then sigma_n = 0. Python
+    floats: the sampler loop never asks the device for a number."""
+    a, b = SIGMA_MAX ** (1 / SIGMA_RHO), SIGMA_MIN ** (1 / SIGMA_RHO)
+    return [(a + i / max(n - 1, 1) * (b - a)) ** SIGMA_RHO for i in range(n)] + [0.0]
+
+
+def churn_gamma(sigma: float, n: int, everywhere: bool) -> float:
+    return min(S_CHURN / n, math.sqrt(2) - 1) if everywhere or 0.05 <= sigma <= 50 else 0.0
+
+
+@torch.no_grad()
+def heun_sample(denoise, x, sigmas, guide=None, known=None, resample: int = 1):
+    """The one EDM sampler (Heun, 2nd order, stochastic churn) behind unguided sampling, guided
+    sampling and inpainting. x: noise * sigmas[0]; denoise(x, sigma) -> D(x; sigma); guide(x, sigma)
+    -> grad_x sum_k w_k f_k (added to the score); known = (mask, values): inpainting by replacement,
+    with churn kept on down to sigma_min and each step redone `resample` times (RePaint-style)."""
+    n = len(sigmas) - 1
+
+    def slope(x, s):  # d = (x - D)/sigma = -sigma * score; guidance adds -sigma * grad f
+        sig = torch.full((len(x), 1), s, device=x.device)
+        d = (x - denoise(x, sig)) / s
+        return d if guide is None else d - s * guide(x, s)
+
+    def impose(x, s):  # known coordinates at noise level s
+        return x if known is None else torch.where(known[0], known[1] + s * torch.randn_like(x), x)
+
+    x = impose(x, sigmas[0])
+    for i in range(n):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        gamma = churn_gamma(s, n, everywhere=known is not None)
+        s_hat = s * (1 + gamma)
+        for r in range(resample):
+            x_hat = x + math.sqrt(s_hat**2 - s**2) * S_NOISE * torch.randn_like(x)
+            d = slope(x_hat, s_hat)
+            x_next = x_hat + (s_next - s_hat) * d
+            if s_next > 0:
+                x_next = x_hat + (s_next - s_hat) * 0.5 * (d + slope(x_next, s_next))
+            x_next = impose(x_next, s_next)
+            if r < resample - 1:  # back to sigma_i and redo the step
+                x = x_next + math.sqrt(s**2 - s_next**2) * torch.randn_like(x)
+        x = x_next
+    return x
+
+
+def queried_sigmas(n: int, everywhere: bool = False) -> list[float]:
+    """Every noise level at which the sampler calls the model (sigma_i and sigma_hat_i): the energies
+    are trained on exactly these."""
+    s = karras_sigmas(n)
+    return sorted({x for i in range(n) for x in (s[i], s[i] * (1 + churn_gamma(s[i], n, everywhere)))})
+
+
+def mlp(inp: int, out: int, hidden: int = 256, layers: int = 2, act=nn.ReLU) -> nn.Sequential:
+    dims = [inp] + [hidden] * layers
+    return nn.Sequential(*[m for a, b in zip(dims[:-1], dims[1:]) for m in (nn.Linear(a, b), act())],
+                         nn.Linear(hidden, out))
+
+
+class Energies(nn.Module):
+    """f_k(u_sigma, sigma) ~ log q_sigma(u) / p_sigma(u) = -E_k for k = state (reads s), policy (s, a)
+    and transition (s, a, r, s'): Thm 3.1 of the paper with each ratio conditioned on the noise level.
+    One module, so one forward and one backward give the whole guidance."""
+
+    def __init__(self, slices: list[list[int]], hidden: int = 256, layers: int = 3):
+        super().__init__()
+        self.fourier = FourierFeatures()
+        for k, idx in zip(ENERGY_NAMES, slices):
+            self.register_buffer(f"idx_{k}", torch.tensor(idx))
+        self.nets = nn.ModuleList(mlp(len(idx) + self.fourier.dim, 1, hidden, layers, nn.SiLU) for idx in slices)
+
+    def one(self, k: int, x, sigma):  # x: full noised transitions (B, D); sigma (B, 1) -> (B,)
+        _, _, c_in, c_noise = edm_scalings(sigma)
+        u = x[:, getattr(self, f"idx_{ENERGY_NAMES[k]}")]
+        return self.nets[k](torch.cat([c_in * u, self.fourier(c_noise)], -1)).squeeze(-1)
+
+    def forward(self, x, sigma):  # -> (B, 3)
+        return torch.stack([self.one(k, x, sigma) for k in range(len(self.nets))], -1)
+
+
+def info_nce(energies: Energies, k: int, pos, neg, sigma):
+    """-log softmax of the positive among 1 + K: pos (B, D), neg (B, K, D), all noised with the
+    group's sigma (B, 1). Returns (loss, top-1 accuracy), both device tensors."""
+    u = torch.cat([pos[:, None], neg], 1)
+    B, G, D = u.shape
+    sig = sigma[:, None].expand(B, G, 1)
+    logits = energies.one(k, (u + sig * torch.randn_like(u)).reshape(-1, D), sig.reshape(-1, 1)).reshape(B, G)
+    target = torch.zeros(B, dtype=torch.long, device=u.device)
+    return F.cross_entropy(logits, target), (logits.argmax(1) == 0).float().mean()
+
+
+def union_sample(buffers: list[Buffer], n: int) -> dict:
+    """n rows drawn uniformly from the union of the buffers (shares by size; host arithmetic only)."""
+    sizes = [b.size for b in buffers]
+    counts = [n * s // sum(sizes) for s in sizes]
+    counts[int(np.argmax(sizes))] += n - sum(counts)
+    return common.cat_batches(*[b.sample(c) for b, c in zip(buffers, counts) if c > 0])
+
+
+def rbf_mmd(x, y):
+    """Squared MMD with an RBF kernel, bandwidth = median distance of the pooled points."""
+    z = torch.cat([x, y])
+    d2 = torch.cdist(z, z) ** 2
+    h = d2.median().clamp_min(1e-6)
+    k = torch.exp(-d2 / h)
+    n = len(x)
+    return k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean()
+
+
+class EDIS:
+    """What EDIS adds to a learner: a diffusion model of transitions, three energies, the positive
+    buffer (recent online data ~ d^pi) and the generated buffer (guided samples)."""
+
+    def __init__(self, args: EDISArgs, offline: Buffer, ds: int, da: int, terminals: bool, device):
+        self.args, self.device, self.ds, self.da = args, device, ds, da
+        self.fields = ["obs", "actions", "rewards", "next_obs"] + (["terminals"] if terminals else [])
+        self.dims = {"obs": ds, "actions": da, "rewards": 1, "next_obs": ds, "terminals": 1}
+        dim = sum(self.dims[f] for f in self.fields)
+        # Fixed normalizer of transitions (offline statistics), so a warm-started model keeps its space.
+        x = self.raw(offline.all())
+        self.x_mean, self.x_std = x.mean(0), x.std(0).clamp_min(1e-3)
+        s, a = list(range(ds)), list(range(ds, ds + da))
+        self.energies = Energies([s, s + a, list(range(dim))]).to(device)
+        self.energy_opt = torch.optim.Adam(self.energies.parameters(), lr=args.energy_lr)
+        self.weights = torch.tensor([args.state_guidance, args.policy_guidance, args.transition_guidance], device=device)
+        self.new_model(dim)
+        self.positive_buffer = Buffer(args.positive_buffer_size, common.transition_dims(ds, da), device)
+        self.generated_buffer = Buffer(args.num_generated, common.transition_dims(ds, da), device)
+        self.sigmas = karras_sigmas(args.sample_steps)
+        self.train_sigmas = torch.tensor(queried_sigmas(args.sample_steps), device=device)
+        self.clip = 10.0 * math.sqrt(dim)  # a safety net only: a correct energy stays far below it
+        self.clip_fired = torch.zeros((), device=device)
+        self.cycles = 0
+
+    def new_model(self, dim: int):
+        a = self.args
+        self.model = Denoiser(dim, a.diffusion_width, a.diffusion_depth).to(self.device)
+        self.ema = torch.optim.swa_utils.AveragedModel(
+            self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.995))
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=a.diffusion_lr)
+
+    # --- transitions <-> normalized vectors x = [s, a, r, s', (terminal)] ---
+    def raw(self, batch: dict):
+        return torch.cat([batch[f].reshape(len(batch["obs"]), -1) for f in self.fields], 1)
+
+    def to_x(self, batch: dict):
+        return (self.raw(batch) - self.x_mean) / self.x_std
+
+    def from_x(self, x) -> dict:
+        parts = torch.split(x * self.x_std + self.x_mean, [self.dims[f] for f in self.fields], 1)
+        out = dict(zip(self.fields, parts))
+        out["rewards"] = out["rewards"].squeeze(1)
+        out["terminals"] = (out["terminals"].squeeze(1) > 0.5).float() if "terminals" in out else torch.zeros_like(out["rewards"])
+        return out
+
+    # --- diffusion ---
+    def train_diffusion(self, buffers: list[Buffer], steps: int) -> dict:
+        total = torch.zeros((), device=self.device)
+        for _ in range(steps):
+            loss = diffusion_loss(self.model, self.to_x(union_sample(buffers, self.args.diffusion_batch_size)))
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+            self.ema.update_parameters(self.model)
+            total += loss.detach()
+        return {"diffusion/loss": total / max(steps, 1)}
+
+    def guide(self, x, sigma: float):
+        """Sum_k w_k grad_x f_k(x, sigma): one forward and one backward for all three energies; the
+        term sigma * guidance is clipped per sample at 10 sqrt(D) (counted in clip_fired)."""
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            sig = torch.full((len(x), 1), sigma, device=x.device)
+            (grad,) = torch.autograd.grad((self.energies(x, sig) * self.weights).sum(), x)
+        norm = sigma * grad.norm(dim=1, keepdim=True)
+        self.clip_fired += (norm > self.clip).sum()
+        return grad * (self.clip / norm.clamp_min(1e-12)).clamp(max=1.0)
+
+    def sample(self, n: int, guided: bool = False, known: tuple | None = None) -> torch.Tensor:
+        """n normalized transitions from the EMA model, in batches of gen_batch_size."""
+        out = []
+        for i in range(0, n, self.args.gen_batch_size):
+            m = min(self.args.gen_batch_size, n - i)
+            kn = None if known is None else (known[0], known[1][i:i + m])
+            x = torch.randn(m, len(self.x_mean), device=self.device) * self.sigmas[0]
+            out.append(heun_sample(self.ema.module, x, self.sigmas, guide=self.guide if guided else None,
+                                   known=kn, resample=2 if known is not None else 1))
+        return torch.cat(out)
+
+    def inpaint(self, batch: dict) -> torch.Tensor:
+        """Model's (r, s') given real (s, a): negatives of the transition energy."""
+        x = self.to_x(batch)
+        mask = torch.zeros(x.shape[1], dtype=torch.bool, device=self.device)
+        mask[: self.ds + self.da] = True
+        return self.sample(len(x), known=(mask, x))
+
+    # --- energies ---
+    def make_pools(self, policy, real: list[Buffer]) -> dict:
+        """Model samples and real data that the three InfoNCE problems contrast (spec §3 table);
+        each pool is split 90/10 into training and held-out rows."""
+        n, ds, da = self.args.pool_size, self.ds, self.da
+        unguided = self.sample(n)
+        with_pi = unguided.clone()  # (s, a+) with a+ ~ pi(.|s): s from the same model samples
+        s = unguided[:, :ds] * self.x_std[:ds] + self.x_mean[:ds]
+        with_pi[:, ds:ds + da] = (policy.sample(s) - self.x_mean[ds:ds + da]) / self.x_std[ds:ds + da]
+        positive = self.to_x(self.positive_buffer.all())
+        pools = {"positive": positive[torch.randperm(len(positive), device=self.device)],
+                 "unguided": unguided, "with_pi": with_pi,
+                 "real": self.to_x(union_sample(real, n)), "inpainted": self.inpaint(union_sample(real, n))}
+        return {k: (v[: int(0.9 * len(v))], v[int(0.9 * len(v)):]) for k, v in pools.items()}
+
+    PAIRS = (("positive", "unguided"), ("with_pi", "unguided"), ("real", "inpainted"))  # per energy
+
+    def energy_losses(self, pools: dict, split: int, batch: int):
+        """InfoNCE of each energy on one batch: one sigma per group, uniform over queried levels;
+        negatives are other rows of the negative pool (matching the conditioning in distribution)."""
+        sigma = self.train_sigmas[torch.randint(len(self.train_sigmas), (batch, 1), device=self.device)]
+        out = []
+        for k, (p, q) in enumerate(self.PAIRS):
+            pos, neg = pools[p][split], pools[q][split]
+            i = torch.randint(len(pos), (batch,), device=self.device)
+            j = torch.randint(len(neg), (batch, self.args.energy_negatives), device=self.device)
+            out.append(info_nce(self.energies, k, pos[i], neg[j], sigma))
+        return out
+
+    def train_energies(self, pools: dict) -> dict:
+        total = torch.zeros(3, device=self.device)
+        for _ in range(self.args.energy_steps):
+            losses = self.energy_losses(pools, 0, self.args.energy_batch_size)
+            loss = sum(l for l, _ in losses)
+            self.energy_opt.zero_grad(set_to_none=True)
+            loss.backward()  # one backward for all three energies
+            self.energy_opt.step()
+            total += torch.stack([l.detach() for l, _ in losses])
+        with torch.no_grad():
+            held = self.energy_losses(pools, 1, 2048)
+        m = {f"energy/{k}_train_loss": total[i] / max(self.args.energy_steps, 1) for i, k in enumerate(ENERGY_NAMES)}
+        for k, (l, acc) in zip(ENERGY_NAMES, held):
+            m[f"energy/{k}_heldout_loss"], m[f"energy/{k}_heldout_top1"] = l, acc
+        m["energy/chance_top1"] = 1.0 / (1 + self.args.energy_negatives)
+        return m
+
+    # --- the cycle (spec §5.4) ---
+    def cycle(self, policy, offline: Buffer, online: Buffer, timer, diagnose) -> dict:
+        a, real = self.args, [offline, online]
+        with timer("diffusion"):
+            if a.diffusion_restart:
+                self.new_model(len(self.x_mean))
+            m = self.train_diffusion(real, a.diffusion_pretrain_steps if a.diffusion_restart else a.diffusion_finetune_steps)
+        with timer("energy"):
+            pools = self.make_pools(policy, real)
+            m.update(self.train_energies(pools))
+        with timer("generation"):
+            fired_before = self.clip_fired.clone()
+            x = self.sample(a.num_generated, guided=True)
+            finite = torch.isfinite(x).all(1)
+            self.generated_buffer.replace(**self.from_x(x[finite]))
+            m["gen/nonfinite_dropped"] = 1.0 - finite.float().mean()
+            m["gen/guidance_clip_rate"] = (self.clip_fired - fired_before) / (a.num_generated * 2 * a.sample_steps)
+        with timer("diagnostics"):
+            m.update(self.diagnostics(policy, x[finite][: a.diag_samples], offline, diagnose))
+        self.cycles += 1
+        return m
+
+    @torch.no_grad()
+    def diagnostics(self, policy, guided_x, offline: Buffer, diagnose) -> dict:
+        """Guided vs unguided samples (same count, same seed) on what each energy is for: policy
+        log-likelihood (policy energy), MMD to the positive buffer's states (state energy);
+        `diagnose(samples, states, cycle)` adds the env-specific checks (dynamics error, picture)."""
+        n = len(guided_x)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.cycles)
+            unguided_x = self.sample(n)
+        positive = self.positive_buffer.sample(min(n, 2000))["obs"]
+        m, samples = {}, {}
+        for name, x in (("unguided", unguided_x), ("guided", guided_x)):
+            b = self.from_x(x[torch.isfinite(x).all(1)])
+            samples[name] = b
+            m[f"gen/{name}_policy_logprob"] = policy.log_prob(b["obs"], b["actions"]).mean()
+            m[f"gen/{name}_state_mmd"] = rbf_mmd(b["obs"][:2000], positive)
+        states = {"offline": offline.sample(2000)["obs"], "positive buffer": positive,
+                  **{k: b["obs"] for k, b in samples.items()}}
+        m.update(diagnose(samples, states, self.cycles))
+        return m
+
+    def state_dict(self):
+        return {k: common.state_of(getattr(self, k)) for k in
+                ("model", "ema", "opt", "energies", "energy_opt", "positive_buffer", "generated_buffer", "clip_fired", "cycles")}
+
+    def load_state_dict(self, s):
+        for k in ("model", "ema", "opt", "energies", "energy_opt", "positive_buffer", "generated_buffer"):
+            getattr(self, k).load_state_dict(s[k])
+        self.clip_fired, self.cycles = s["clip_fired"].to(self.device), s["cycles"]
+# ==============================================================================================
+# EDIS end
+# ==============================================================================================
+
+
+# ----------------------------------------------------------------------------------------------
+# ALGO LOGIC: Cal-QL (Nakamoto et al. 2023): CQL whose pushed-down Q values are lower-bounded by
+# the Monte-Carlo return of the data they come from
+# ----------------------------------------------------------------------------------------------
+def orthogonal_init(net: nn.Sequential, last_gain: float) -> nn.Sequential:
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    for i, m in enumerate(linears):
+        nn.init.orthogonal_(m.weight, gain=last_gain if i == len(linears) - 1 else math.sqrt(2))
+        nn.init.zeros_(m.bias)
+    return net
+
+
+class TanhGaussianActor(nn.Module):
+    """a = tanh(u), u ~ N(mu(s), sigma(s)); evaluation takes tanh(mu)."""
+
+    def __init__(self, ds: int, da: int, hidden: int):
+        super().__init__()
+        self.net = orthogonal_init(mlp(ds, 2 * da, hidden), last_gain=1e-2)
+
+    def _normal(self, s):
+        mu, log_std = self.net(s).chunk(2, -1)
+        return torch.distributions.Normal(mu, log_std.clamp(-20, 2).exp())
+
+    @staticmethod
+    def _log_prob(normal, u):  # log density of a = tanh(u): change of variables, stable form
+        return normal.log_prob(u).sum(-1) - (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
+
+    def rsample(self, s):
+        normal = self._normal(s)
+        u = normal.rsample()
+        return torch.tanh(u), self._log_prob(normal, u)
+
+    @torch.no_grad()
+    def sample(self, s):
+        return self.rsample(s)[0]
+
+    def log_prob(self, s, a):
+        return self._log_prob(self._normal(s), torch.atanh(a.clamp(-1 + 1e-6, 1 - 1e-6)))
+
+    def mode(self, s):
+        return torch.tanh(self._normal(s).mean)
+
+
+class TwinQ(nn.Module):
+    def __init__(self, ds: int, da: int, hidden: int, layers: int):
+        super().__init__()
+        self.q1, self.q2 = (orthogonal_init(mlp(ds + da, 1, hidden, layers), last_gain=1.0) for _ in range(2))
+
+    def forward(self, s, a):
+        sa = torch.cat([s, a], -1)
+        return self.q1(sa).squeeze(-1), self.q2(sa).squeeze(-1)
+
+
+def mc_returns(rewards: np.ndarray, ends: np.ndarray, gamma: float, sparse_fail: float | None = None) -> np.ndarray:
+    """Discounted return-to-go within each episode (ends[i]: the episode ends after row i; a
+    truncated episode counts what it saw). With sparse_fail (sparse-reward tasks: the reward of a
+    step away from the goal) an episode that never got anything else is taken to fail forever, as
+    in Cal-QL: sparse_fail / (1 - gamma) at every step."""
+    out, g = np.zeros(len(rewards), np.float32), 0.0
+    for i in range(len(rewards) - 1, -1, -1):
+        g = rewards[i] + gamma * (0.0 if ends[i] else g)
+        out[i] = g
+    if sparse_fail is not None:
+        episode = np.concatenate([[0], np.cumsum(ends[:-1])])
+        failed = np.bincount(episode, weights=(rewards != sparse_fail).astype(float)) == 0
+        out[failed[episode]] = sparse_fail / (1 - gamma)
+    return out
+
+
+def calibrate(q, mc_return):
+    """Cal-QL's one change to CQL: the Q values pushed down are never pushed below the reference
+    value (the data's MC return). Rows without a return (generated samples) carry -inf."""
+    return torch.maximum(q, mc_return[:, None])
+
+
+class CalQL:
+    def __init__(self, ds: int, da: int, args, device):
+        self.args, self.da = args, da
+        self.actor = TanhGaussianActor(ds, da, args.hidden).to(device)
+        self.q = TwinQ(ds, da, args.hidden, args.q_hidden_layers).to(device)
+        self.q_target = TwinQ(ds, da, args.hidden, args.q_hidden_layers).to(device)
+        self.q_target.load_state_dict(self.q.state_dict())
+        self.log_alpha = torch.zeros((), device=device, requires_grad=True)        # entropy temperature
+        self.log_alpha_prime = torch.zeros((), device=device, requires_grad=True)  # CQL Lagrange multiplier
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr)
+        self.q_opt = torch.optim.Adam(self.q.parameters(), lr=args.critic_lr)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=args.actor_lr)
+        self.alpha_prime_opt = torch.optim.Adam([self.log_alpha_prime], lr=args.critic_lr)
+        self.target_entropy = -float(da)
+        self.cql_alpha = args.cql_alpha  # switched to cql_alpha_online when the online phase starts
+
+    def cql_gaps(self, s, s2, q_data: tuple, mc_return):
+        """CQL gap per twin: logsumexp over sampled actions (uniform, pi(.|s), pi(.|s'), importance
+        weighted) minus Q of the data's action; the policy terms are calibrated (Cal-QL)."""
+        a, n = self.args, self.args.cql_n_actions
+        s_rep, s2_rep = s.repeat_interleave(n, 0), s2.repeat_interleave(n, 0)
+        with torch.no_grad():
+            a_cur, logp_cur = self.actor.rsample(s_rep)
+            a_next, logp_next = self.actor.rsample(s2_rep)
+        a_rand = torch.rand_like(a_cur) * 2 - 1
+        q_rand, q_cur, q_next = self.q(s_rep, a_rand), self.q(s_rep, a_cur), self.q(s_rep, a_next)
+        gaps = []
+        for k in range(2):
+            qr, qc, qn = (q[k].reshape(-1, n) for q in (q_rand, q_cur, q_next))
+            if a.calibrate:
+                qc, qn = calibrate(qc, mc_return), calibrate(qn, mc_return)
+            cat = torch.cat([qr + self.da * math.log(2),  # - log density of uniform(-1, 1)^da
+                             qn - logp_next.reshape(-1, n), qc - logp_cur.reshape(-1, n)], 1)
+            diff = torch.logsumexp(cat / a.cql_temp, 1) * a.cql_temp - q_data[k]
+            gaps.append(diff.clamp(min=a.cql_clip_diff_min).mean())
+        return gaps
+
+    def update(self, b: dict) -> dict:
+        a = self.args
+        s, act, r, s2, done, mc = b["obs"], b["actions"], b["rewards"], b["next_obs"], b["terminals"], b["mc_return"]
+        # policy and entropy temperature
+        new_a, logp = self.actor.rsample(s)
+        alpha_loss = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
+        alpha = self.log_alpha.exp().detach()
+        actor_loss = (alpha * logp - torch.min(*self.q(s, new_a))).mean()
+        self.actor_opt.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_opt.step()
+        self.alpha_opt.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.alpha_opt.step()
+
+        # Bellman target (no entropy bonus in the backup); max over sampled next actions if asked
+        with torch.no_grad():
+            n = a.cql_n_actions if a.cql_max_target_backup else 1
+            a2, _ = self.actor.rsample(s2.repeat_interleave(n, 0))
+            next_q = torch.min(*self.q_target(s2.repeat_interleave(n, 0), a2)).reshape(-1, n).max(1).values
+            target = r + a.gamma * (1 - done) * next_q
+        q_data = self.q(s, act)
+        td_loss = F.mse_loss(q_data[0], target) + F.mse_loss(q_data[1], target)
+        gaps = self.cql_gaps(s, s2, q_data, mc)
+        if a.cql_lagrange:  # alpha' grows while the gap exceeds its target, shrinks below it
+            alpha_prime = self.log_alpha_prime.exp().clamp(0.0, 1e6)
+            cql_loss = sum(alpha_prime.detach() * self.cql_alpha * (g - a.cql_target_action_gap) for g in gaps)
+            alpha_prime_loss = -0.5 * sum(alpha_prime * self.cql_alpha * (g.detach() - a.cql_target_action_gap) for g in gaps)
+            self.alpha_prime_opt.zero_grad(set_to_none=True)
+            alpha_prime_loss.backward()
+            self.alpha_prime_opt.step()
+        else:
+            alpha_prime = torch.ones((), device=s.device)
+            cql_loss = self.cql_alpha * sum(gaps)
+        q_loss = td_loss + cql_loss
+        self.q_opt.zero_grad(set_to_none=True)
+        q_loss.backward()
+        self.q_opt.step()
+        with torch.no_grad():
+            for p, pt in zip(self.q.parameters(), self.q_target.parameters()):
+                pt.lerp_(p, a.tau)
+        return {"losses/q_td": td_loss.detach(), "losses/cql": cql_loss.detach(), "losses/actor": actor_loss.detach(),
+                "values/q_data": q_data[0].detach().mean(), "values/alpha": alpha, "values/alpha_prime": alpha_prime.detach(),
+                "values/cql_gap": (gaps[0] + gaps[1]).detach() / 2, "values/entropy": -logp.detach().mean()}
+
+    def state_dict(self):
+        return {**{k: getattr(self, k).state_dict() for k in
+                   ("actor", "q", "q_target", "actor_opt", "q_opt", "alpha_opt", "alpha_prime_opt")},
+                "log_alpha": self.log_alpha.detach(), "log_alpha_prime": self.log_alpha_prime.detach()}
+
+    def load_state_dict(self, s):
+        for k in ("actor", "q", "q_target", "actor_opt", "q_opt", "alpha_opt", "alpha_prime_opt"):
+            getattr(self, k).load_state_dict(s[k])
+        with torch.no_grad():
+            self.log_alpha.copy_(s["log_alpha"])
+            self.log_alpha_prime.copy_(s["log_alpha_prime"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration: every flag, and the paper's presets per dataset (spec §8)
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Args(EDISArgs, common.RunArgs):
+    exp_name: str = "edis_calql"
+    """experiment name used in the run directory"""
+    # --- Cal-QL ---
+    hidden: int = 256
+    """width of the actor (2 layers) and Q networks"""
+    q_hidden_layers: int = 2
+    """hidden layers of each Q network"""
+    actor_lr: float = 1e-4
+    """Adam learning rate of the actor and the entropy temperature"""
+    critic_lr: float = 3e-4
+    """Adam learning rate of the Q networks and the Lagrange multiplier"""
+    gamma: float = 0.99
+    """discount"""
+    tau: float = 0.005
+    """soft target update rate"""
+    reward_scale: float | None = None
+    """rewards become scale * r + bias (default per family: antmaze 1, -1; locomotion 1000 / return range; else 1, 0)"""
+    reward_bias: float | None = None
+    """see --reward-scale"""
+    cql_alpha: float = 10.0
+    """weight of the CQL regularizer in the offline phase"""
+    cql_alpha_online: float = 10.0
+    """weight of the CQL regularizer in the online phase"""
+    cql_lagrange: bool = False
+    """tune the CQL weight's multiplier alpha' so the CQL gap meets --cql-target-action-gap"""
+    cql_target_action_gap: float = 0.8
+    """target CQL gap for the Lagrange multiplier"""
+    cql_n_actions: int = 10
+    """sampled actions per state in the CQL logsumexp (and the max-target backup)"""
+    cql_max_target_backup: bool = False
+    """Bellman target takes the max over cql_n_actions sampled next actions"""
+    cql_clip_diff_min: float = -math.inf
+    """clip the per-sample CQL difference below at this value (antmaze: -200)"""
+    cql_temp: float = 1.0
+    """temperature of the CQL logsumexp"""
+    calibrate: bool = True
+    """Cal-QL's calibration (lower-bound pushed-down Q by the MC return); --no-calibrate gives CQL"""
+
+
+# generated_ratio, cql_alpha offline, cql_alpha online, Q hidden layers, Lagrange (EDIS / Cal-QL configs).
+# Adroit: the configs mark relocate alone as "no Lagrange", so pen and door use it.
+PRESETS = {
+    "antmaze-umaze": (0.5, 5, 5, 5, True), "antmaze-umaze-diverse": (0.5, 5, 5, 5, True),
+    "antmaze-medium-play": (0.3, 5, 5, 5, True), "antmaze-medium-diverse": (0.3, 5, 5, 5, True),
+    "antmaze-large-play": (0.5, 5, 5, 5, True), "antmaze-large-diverse": (0.5, 5, 5, 5, True),
+    "pen-human": (0.3, 5, 5, 3, True), "door-human": (0.5, 1, 1, 3, True), "relocate-human": (0.2, 1, 2.5, 3, False),
+    "halfcheetah-random": (0.2, 10, 10, 2, False), "halfcheetah-medium": (0.2, 10, 10, 2, False),
+    "halfcheetah-medium-replay": (0.2, 10, 10, 2, False), "halfcheetah-medium-expert": (0.5, 10, 10, 2, False),
+    "hopper-random": (0.2, 10, 1, 2, False), "hopper-medium": (0.2, 10, 0.1, 2, False),
+    "hopper-medium-replay": (0.5, 10, 10, 2, False), "hopper-medium-expert": (0.5, 10, 10, 2, False),
+    "walker2d-random": (0.1, 10, 0, 2, False), "walker2d-medium": (0.2, 10, 0, 2, False),
+    "walker2d-medium-replay": (0.2, 10, 10, 2, False), "walker2d-medium-expert": (0.2, 10, 10, 2, False),
+}
+
+
+def preset_defaults(env: str, dataset: str | None, preset: str) -> dict:
+    d = {"env": env, **(common.QUICK if preset == "quick" else {})}
+    src = common.resolve_source(env, dataset or d.get("dataset"))
+    if src.name in PRESETS:
+        ratio, alpha, alpha_online, layers, lagrange = PRESETS[src.name]
+        d.update(generated_ratio=ratio, cql_alpha=alpha, cql_alpha_online=alpha_online, q_hidden_layers=layers,
+                 cql_lagrange=lagrange)
+    if src.family == "antmaze":  # sparse reward: r - 1, max-target backup, clipped CQL difference
+        d.update(cql_max_target_backup=True, cql_clip_diff_min=-200.0, normalize_states=False)
+        d.setdefault("eval_episodes", 100)
+    if src.family == "adroit":
+        d.update(normalize_states=False)
+    return d
+
+
+def validate(args: Args):
+    common.validate_args(args)
+    if args.cql_n_actions < 1 or args.q_hidden_layers < 1:
+        raise UserError("--cql-n-actions and --q-hidden-layers must be >= 1")
+
+
+# ----------------------------------------------------------------------------------------------
+# Main loop (spec §5): offline phase, then online phase with EDIS cycles
+# ----------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = common.parse_args(Args, preset_defaults, __doc__, argv)
+    validate(args)
+    common.seed_everything(args.seed)
+    device = common.pick_device(args.device)
+    task = common.load_task(args.env, args.dataset)
+    data, ds, da = task.data, task.data.observations.shape[1], task.data.actions.shape[1]
+    obs_norm = common.Normalizer.fit(data.observations) if args.normalize_states else common.Normalizer.identity(ds)
+    r_scale, r_bias = common.reward_scale_bias(task.source.family, data)
+    r_scale = r_scale if args.reward_scale is None else args.reward_scale
+    r_bias = r_bias if args.reward_bias is None else args.reward_bias
+    sparse_fail = r_bias if task.source.family == "antmaze" else None  # reward of a step away from the goal
+    mc = mc_returns(data.rewards * r_scale + r_bias, data.episode_ends, args.gamma, sparse_fail)
+    offline = common.offline_buffer(data, obs_norm, r_scale, r_bias, device, mc_return=mc)
+    online = Buffer(max(args.online_steps, 1), common.transition_dims(ds, da, mc_return=1), device)
+    edis = EDIS(args, offline, ds, da, bool(data.terminals.any()), device) if args.edis else None
+    learner = CalQL(ds, da, args, device)
+    env = common.make_env(task.env_fn, obs_norm, args.seed)
+    run = common.Run(args, task, obs_norm, {"learner": learner, "online": online, **({"edis": edis} if edis else {})}, device)
+    counters, timer = run.counters, run.timer
+
+    def policy(obs):  # deterministic, for evaluation
+        with torch.no_grad():
+            return learner.actor.mode(torch.as_tensor(obs, device=device)).cpu().numpy()
+
+    def no_return(batch: dict) -> dict:  # generated samples have no MC return: never calibrated
+        return {**batch, "mc_return": torch.full_like(batch["rewards"], -math.inf)}
+
+    with run:
+        # ---- offline phase: Cal-QL on the dataset, then the diffusion model on the dataset ----
+        while counters["offline_step"] < args.offline_steps:
+            with timer("learner"):
+                run.log_train(learner.update(offline.sample(args.batch_size)))
+            run.tick("offline")
+            if counters["offline_step"] % args.offline_eval_every == 0 or counters["offline_step"] == args.offline_steps:
+                run.evaluate_and_save(policy, "offline")
+            run.check_stop()
+        if edis is not None and not counters["diffusion_pretrained"]:
+            with timer("diffusion"):
+                run.logger.log(run.step, edis.train_diffusion([offline], args.diffusion_pretrain_steps))
+            counters["diffusion_pretrained"] = True
+            run.save()
+
+        # ---- online phase: act, store, UTD updates on (1-rho) online + rho generated, EDIS cycles ----
+        learner.cql_alpha = args.cql_alpha_online
+        obs, _ = env.reset(seed=args.seed + counters["online_step"])
+        ep_ret, ep_rows, ep_rewards = 0.0, [], []
+        n_gen = int(round(args.batch_size * args.generated_ratio))
+        while counters["online_step"] < args.online_steps:
+            with timer("env"):
+                with torch.no_grad():
+                    act = learner.actor.sample(torch.as_tensor(obs, device=device)[None])[0].cpu().numpy()
+                nxt, r, term, trunc, info = env.step(act)
+                row = dict(obs=obs[None], actions=act[None], rewards=[r * r_scale + r_bias], next_obs=nxt[None],
+                           terminals=[float(term)])  # a time-limit truncation is not a terminal
+                ep_rows.append(online.add(**row, mc_return=[-math.inf]))  # calibrated once the episode ends
+                if edis is not None:
+                    edis.positive_buffer.add(**row)
+                ep_ret, ep_rewards, obs = ep_ret + r, ep_rewards + [r * r_scale + r_bias], nxt
+                if term or trunc:
+                    ends = np.zeros(len(ep_rewards), bool)
+                    ends[-1] = True
+                    online.data["mc_return"][torch.cat(ep_rows)] = torch.as_tensor(
+                        mc_returns(np.array(ep_rewards, np.float32), ends, args.gamma, sparse_fail), device=device)
+                    run.logger.log(run.step, {"charts/episode_return": ep_ret, "charts/episode_length": len(ep_rewards),
+                                              "charts/episode_success": float(info.get("success", 0.0))})
+                    (obs, _), ep_ret, ep_rows, ep_rewards = env.reset(), 0.0, [], []
+            run.tick("online")
+            step = counters["online_step"]
+            # the rho share: generated samples once EDIS has made them; before that, and with
+            # --no-edis, the offline data itself (the baseline)
+            use_gen = edis is not None and edis.generated_buffer.size > 0
+            with timer("learner"):
+                for _ in range(args.utd):
+                    mixed = no_return(edis.generated_buffer.sample(n_gen)) if use_gen else offline.sample(n_gen)
+                    run.log_train(learner.update(common.cat_batches(online.sample(args.batch_size - n_gen), mixed)))
+            if edis is not None and step >= args.edis_start and (step - args.edis_start) % args.edis_every == 0:
+                m = edis.cycle(learner.actor, offline, online, timer, run.diagnose)
+                run.logger.log(run.step, {**m, "edis/cycle": edis.cycles})
+            if step % args.eval_every == 0 or step == args.online_steps:
+                run.evaluate_and_save(policy, "online")
+            run.check_stop()
+    run.finish(generated=edis.cycles * args.num_generated if edis else 0)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
