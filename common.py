@@ -477,8 +477,9 @@ def state_scatter(path: Path, groups: dict, normalizer: Normalizer, maze: bool, 
 # ---------------------------------------------------------------------------------------------
 class Buffer:
     def __init__(self, capacity: int, dims: dict[str, int], device, generator: torch.Generator | None = None):
+        """dims: field -> width; 0 marks a scalar field (stored as (capacity,), e.g. rewards)."""
         self.capacity, self.device, self.gen = capacity, torch.device(device), generator
-        self.data = {k: torch.zeros((capacity, d) if d > 1 else (capacity,), device=self.device) for k, d in dims.items()}
+        self.data = {k: torch.zeros((capacity, d) if d else (capacity,), device=self.device) for k, d in dims.items()}
         self.ptr = self.size = 0  # host integers: no device sync to know how much is stored
 
     def add(self, **batch) -> torch.Tensor:
@@ -517,13 +518,13 @@ TRANSITION_FIELDS = ("obs", "actions", "rewards", "next_obs", "terminals")
 
 
 def transition_dims(ds: int, da: int, **extra: int) -> dict:
-    return {"obs": ds, "actions": da, "rewards": 1, "next_obs": ds, "terminals": 1, **extra}
+    return {"obs": ds, "actions": da, "rewards": 0, "next_obs": ds, "terminals": 0, **extra}  # 0: scalar
 
 
 def offline_buffer(data: Transitions, obs_norm: Normalizer, r_scale: float, r_bias: float, device, **extra) -> Buffer:
     """The dataset as a device buffer in the learner's space (normalized states, transformed rewards)."""
     ds, da = data.observations.shape[1], data.actions.shape[1]
-    buf = Buffer(len(data), transition_dims(ds, da, **{k: 1 for k in extra}), device)
+    buf = Buffer(len(data), transition_dims(ds, da, **{k: 0 for k in extra}), device)
     buf.add(obs=obs_norm(data.observations), actions=data.actions, rewards=data.rewards * r_scale + r_bias,
             next_obs=obs_norm(data.next_observations), terminals=data.terminals, **extra)
     return buf
@@ -609,16 +610,16 @@ class Run:
         self.ckpt = self.dir / "checkpoint.pt"
         self.counters = {"offline_step": 0, "online_step": 0, "updates": 0, "diffusion_pretrained": False}
         self.timer = Timer()
-        self.state = {**state, "counters": self.counters, "timer": self.timer.total}
+        self.last_eval: dict = {}
+        self.state = {**state, "counters": self.counters, "timer": self.timer.total, "last_eval": self.last_eval}
         if args.resume:
             saved = load_checkpoint(self.ckpt, self.state, map_location=device)
-            self.counters.update(saved["counters"])
-            self.timer.total.update(saved["timer"])
+            for k in ("counters", "timer", "last_eval"):
+                self.state[k].update(saved[k])
             set_rng_state(saved["rng"])
         self.logger = Logger(self.dir, config_dict(args), args.track, resume=bool(args.resume))
         print(f"resuming {self.dir} at {self.counters}" if args.resume else json.dumps(config_dict(args), indent=1, default=str))
         self.evaluator = Evaluator(task.eval_env_fn, obs_norm, args.eval_episodes, args.seed + 10_000, task.ref)
-        self.last_eval: dict = {}
         self.bar = tqdm(total=args.offline_steps + args.online_steps, initial=self.step, dynamic_ncols=True, mininterval=1.0)
         self.stop_requested = False
         signal.signal(signal.SIGINT, self._request_stop)
@@ -653,7 +654,8 @@ class Run:
             m = self.evaluator(policy)
         self.logger.log(self.step, {**m, "charts/phase_online": float(phase == "online")})
         self.bar.set_postfix_str(f"{phase} score {m.get('eval/normalized_score', m['eval/return']):.1f}")
-        self.last_eval = m
+        self.last_eval.clear()
+        self.last_eval.update(m)
         self.save()
 
     def save(self):

@@ -390,24 +390,26 @@ class EDIS:
             finite = torch.isfinite(x).all(1)
             self.generated_buffer.replace(**self.from_x(x[finite]))
             m["gen/nonfinite_dropped"] = 1.0 - finite.float().mean()
-            m["gen/guidance_clip_rate"] = (self.clip_fired - fired_before) / (a.num_generated * 2 * a.sample_steps)
+            m["gen/guidance_clip_rate"] = (self.clip_fired - fired_before) / (a.num_generated * (2 * a.sample_steps - 1))
         with timer("diagnostics"):
-            m.update(self.diagnostics(policy, x[finite][: a.diag_samples], offline, diagnose))
+            m.update(self.diagnostics(policy, offline, diagnose))
         self.cycles += 1
         return m
 
     @torch.no_grad()
-    def diagnostics(self, policy, guided_x, offline: Buffer, diagnose) -> dict:
-        """Guided vs unguided samples (same count, same seed) on what each energy is for: policy
-        log-likelihood (policy energy), MMD to the positive buffer's states (state energy);
+    def diagnostics(self, policy, offline: Buffer, diagnose) -> dict:
+        """Guided vs unguided samples, from the same initial noise, on what each energy is for:
+        policy log-likelihood (policy energy), MMD to the positive buffer's states (state energy);
         `diagnose(samples, states, cycle)` adds the env-specific checks (dynamics error, picture)."""
-        n = len(guided_x)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(self.cycles)
-            unguided_x = self.sample(n)
+        n = self.args.diag_samples
+        xs = {}
+        for name in ("unguided", "guided"):
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(self.cycles)
+                xs[name] = self.sample(n, guided=name == "guided")
         positive = self.positive_buffer.sample(min(n, 2000))["obs"]
         m, samples = {}, {}
-        for name, x in (("unguided", unguided_x), ("guided", guided_x)):
+        for name, x in xs.items():
             b = self.from_x(x[torch.isfinite(x).all(1)])
             samples[name] = b
             m[f"gen/{name}_policy_logprob"] = policy.log_prob(b["obs"], b["actions"]).mean()
@@ -530,10 +532,10 @@ class CalQL:
             a_cur, logp_cur = self.actor.rsample(s_rep)
             a_next, logp_next = self.actor.rsample(s2_rep)
         a_rand = torch.rand_like(a_cur) * 2 - 1
-        q_rand, q_cur, q_next = self.q(s_rep, a_rand), self.q(s_rep, a_cur), self.q(s_rep, a_next)
+        q_all = self.q(s_rep.repeat(3, 1), torch.cat([a_rand, a_cur, a_next]))  # one forward for all three sets
         gaps = []
         for k in range(2):
-            qr, qc, qn = (q[k].reshape(-1, n) for q in (q_rand, q_cur, q_next))
+            qr, qc, qn = (q.reshape(-1, n) for q in q_all[k].chunk(3))
             if a.calibrate:
                 qc, qn = calibrate(qc, mc_return), calibrate(qn, mc_return)
             cat = torch.cat([qr + self.da * math.log(2),  # - log density of uniform(-1, 1)^da
@@ -698,7 +700,7 @@ def main(argv=None):
     sparse_fail = r_bias if task.source.family == "antmaze" else None  # reward of a step away from the goal
     mc = mc_returns(data.rewards * r_scale + r_bias, data.episode_ends, args.gamma, sparse_fail)
     offline = common.offline_buffer(data, obs_norm, r_scale, r_bias, device, mc_return=mc)
-    online = Buffer(max(args.online_steps, 1), common.transition_dims(ds, da, mc_return=1), device)
+    online = Buffer(max(args.online_steps, 1), common.transition_dims(ds, da, mc_return=0), device)
     edis = EDIS(args, offline, ds, da, bool(data.terminals.any()), device) if args.edis else None
     learner = CalQL(ds, da, args, device)
     env = common.make_env(task.env_fn, obs_norm, args.seed)

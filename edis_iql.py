@@ -390,24 +390,26 @@ class EDIS:
             finite = torch.isfinite(x).all(1)
             self.generated_buffer.replace(**self.from_x(x[finite]))
             m["gen/nonfinite_dropped"] = 1.0 - finite.float().mean()
-            m["gen/guidance_clip_rate"] = (self.clip_fired - fired_before) / (a.num_generated * 2 * a.sample_steps)
+            m["gen/guidance_clip_rate"] = (self.clip_fired - fired_before) / (a.num_generated * (2 * a.sample_steps - 1))
         with timer("diagnostics"):
-            m.update(self.diagnostics(policy, x[finite][: a.diag_samples], offline, diagnose))
+            m.update(self.diagnostics(policy, offline, diagnose))
         self.cycles += 1
         return m
 
     @torch.no_grad()
-    def diagnostics(self, policy, guided_x, offline: Buffer, diagnose) -> dict:
-        """Guided vs unguided samples (same count, same seed) on what each energy is for: policy
-        log-likelihood (policy energy), MMD to the positive buffer's states (state energy);
+    def diagnostics(self, policy, offline: Buffer, diagnose) -> dict:
+        """Guided vs unguided samples, from the same initial noise, on what each energy is for:
+        policy log-likelihood (policy energy), MMD to the positive buffer's states (state energy);
         `diagnose(samples, states, cycle)` adds the env-specific checks (dynamics error, picture)."""
-        n = len(guided_x)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(self.cycles)
-            unguided_x = self.sample(n)
+        n = self.args.diag_samples
+        xs = {}
+        for name in ("unguided", "guided"):
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(self.cycles)
+                xs[name] = self.sample(n, guided=name == "guided")
         positive = self.positive_buffer.sample(min(n, 2000))["obs"]
         m, samples = {}, {}
-        for name, x in (("unguided", unguided_x), ("guided", guided_x)):
+        for name, x in xs.items():
             b = self.from_x(x[torch.isfinite(x).all(1)])
             samples[name] = b
             m[f"gen/{name}_policy_logprob"] = policy.log_prob(b["obs"], b["actions"]).mean()

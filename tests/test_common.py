@@ -306,7 +306,7 @@ def test_evaluator_returns_success_and_lockstep():
 def test_buffer_wraps_as_a_ring():
     """Catches writes past capacity, a wrong write pointer after wrapping and a wrong size."""
     cap = 5
-    buf = common.Buffer(cap, {"obs": 2, "rew": 1}, "cpu")
+    buf = common.Buffer(cap, {"obs": 2, "rew": 0}, "cpu")
     idx = buf.add(obs=np.array([[i, -i] for i in range(3)]), rew=np.arange(3))
     assert idx.tolist() == [0, 1, 2] and buf.size == 3
     idx = buf.add(obs=torch.tensor([[i, -i] for i in range(3, 7)]), rew=torch.arange(3, 7))
@@ -323,7 +323,7 @@ def test_buffer_wraps_as_a_ring():
 def test_buffer_samples_only_filled_rows():
     """Catches sampling the zero-initialized unfilled part of the buffer, and fields of one sample
     coming from different rows."""
-    buf = common.Buffer(100, {"obs": 3, "rew": 1}, "cpu", generator=torch.Generator().manual_seed(0))
+    buf = common.Buffer(100, {"obs": 3, "rew": 0}, "cpu", generator=torch.Generator().manual_seed(0))
     buf.add(obs=np.arange(1, 4)[:, None] * np.ones(3), rew=np.arange(1, 4))
     batch = buf.sample(2000)
     assert batch["obs"].shape == (2000, 3) and batch["rew"].shape == (2000,)
@@ -336,10 +336,10 @@ def test_buffer_samples_only_filled_rows():
 def test_buffer_state_dict_round_trip():
     """Catches a buffer restored with other contents, pointer or size (a resumed run would
     overwrite the wrong rows or sample garbage)."""
-    buf = common.Buffer(6, {"obs": 2, "rew": 1}, "cpu")
+    buf = common.Buffer(6, {"obs": 2, "rew": 0}, "cpu")
     for i in range(3):
         buf.add(obs=np.full((3, 2), i), rew=np.full(3, i))
-    restored = common.Buffer(6, {"obs": 2, "rew": 1}, "cpu")
+    restored = common.Buffer(6, {"obs": 2, "rew": 0}, "cpu")
     restored.load_state_dict(buf.state_dict())
     assert (restored.ptr, restored.size) == (buf.ptr, buf.size)
     for k in buf.data:

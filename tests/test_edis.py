@@ -1,0 +1,728 @@
+"""Tests of the EDIS mechanism (the "EDIS begin" ... "EDIS end" section, spec §2, §3, §7).
+
+Every expectation is computed analytically from the problem the test builds (Gaussians and Gaussian
+mixtures, whose exact denoisers and noised density ratios have closed forms), never copied from a
+run. Each test is parametrized over the two scripts that carry the same EDIS section.
+"""
+import copy
+import functools
+import importlib
+import math
+import sys
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import common  # noqa: E402
+
+# One thread: these networks are small, and on a busy 2-core machine two OpenMP threads per process
+# made the training tests 5-10x slower (spinning on contended cores) than one thread.
+torch.set_num_threads(1)
+
+EDIS_MODULES = ["edis_iql", "edis_calql"]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", params=EDIS_MODULES)
+def edis_mod(request):
+    return importlib.import_module(request.param)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ground truth: exact denoisers D(x; sigma) = E[x0 | x0 + sigma n = x]
+# ---------------------------------------------------------------------------------------------
+class GMM:
+    """Isotropic Gaussian mixture sum_k w_k N(mu_k, s_k^2 I) with its exact denoiser."""
+
+    def __init__(self, mus, stds, weights):
+        self.mu = torch.tensor(mus, dtype=torch.float64)
+        self.var = torch.tensor(stds, dtype=torch.float64) ** 2
+        self.w = torch.tensor(weights, dtype=torch.float64)
+        self.w = self.w / self.w.sum()
+        self.dim = self.mu.shape[1]
+
+    def sample(self, n, gen=None):
+        k = torch.multinomial(self.w, n, replacement=True, generator=gen)
+        x = self.mu[k] + self.var[k].sqrt()[:, None] * torch.randn(n, self.dim, dtype=torch.float64, generator=gen)
+        return x.float(), k
+
+    def denoise(self, x, sigma):  # x (B, d), sigma (B, 1)
+        x64, s2 = x.double(), sigma.double() ** 2
+        tot = self.var[None] + s2  # (B, K)
+        diff = x64[:, None, :] - self.mu[None]  # (B, K, d)
+        logp = self.w.log() - 0.5 * (diff**2).sum(-1) / tot - 0.5 * self.dim * torch.log(tot)
+        r = torch.softmax(logp, 1)
+        means = self.mu[None] + (self.var[None] / tot)[..., None] * diff
+        return (r[..., None] * means).sum(1).to(x.dtype)
+
+    def nearest(self, x):
+        return torch.cdist(x.double(), self.mu).argmin(1)
+
+
+def gaussian_denoiser(cov):
+    """Exact denoiser of N(0, cov): D(x; sigma) = cov (cov + sigma^2 I)^-1 x."""
+    lam, U = torch.linalg.eigh(torch.as_tensor(cov, dtype=torch.float64))
+
+    def denoise(x, sigma):  # broadcasting, not matmul: tiny CPU matmuls are slow in some torch builds
+        z = (x.double()[:, :, None] * U[None]).sum(1)  # x @ U
+        z = z * (lam / (lam + sigma.double() ** 2))
+        return (z[:, None, :] * U[None]).sum(2).to(x.dtype)  # z @ U.T
+    return denoise
+
+
+def spec_sigmas(n):
+    """Spec §2: sigma_i = (80^(1/7) + i/(n-1) (0.002^(1/7) - 80^(1/7)))^7, then sigma_n = 0."""
+    return [(80 ** (1 / 7) + i / (n - 1) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for i in range(n)] + [0.0]
+
+
+def spec_sigma_hat(s, n):
+    return s * (1 + (min(80 / n, math.sqrt(2) - 1) if 0.05 <= s <= 50 else 0.0))
+
+
+def sample_with(edis_mod, denoise, n, dim, steps, guide=None, known=None, resample=1):
+    sigmas = edis_mod.karras_sigmas(steps)
+    x = torch.randn(n, dim) * sigmas[0]
+    return edis_mod.heun_sample(denoise, x, sigmas, guide=guide, known=known, resample=resample)
+
+
+def circle_mixture(n_modes=8, radius=2.0, std=0.3):
+    ang = 2 * math.pi * torch.arange(n_modes) / n_modes
+    mus = torch.stack([radius * ang.cos(), radius * ang.sin()], 1).tolist()
+    return GMM(mus, [std] * n_modes, [1.0] * n_modes)
+
+
+def guide_of(edis_mod, energies, weights, dim):
+    """EDIS.guide itself, bound to a stand-in holding only what it reads."""
+    holder = types.SimpleNamespace(energies=energies, weights=torch.tensor(weights),
+                                   clip=10.0 * math.sqrt(dim), clip_fired=torch.zeros(()))
+    return (lambda x, s: edis_mod.EDIS.guide(holder, x, s)), holder
+
+
+def train_energy(edis_mod, energies, k, pos_pool, neg_pool, steps, sample_steps, batch=256, negatives=10, lr=1e-3):
+    """InfoNCE the way EDIS.energy_losses does it: one sigma per group, uniform over the sampler's
+    queried levels; positive and K negatives drawn from their pools. The last quarter of the steps
+    runs at lr / 10, so that the test reads a converged ratio rather than Adam's last fluctuation."""
+    opt = torch.optim.Adam(energies.parameters(), lr=lr)
+    levels = torch.tensor(edis_mod.queried_sigmas(sample_steps))
+    for step in range(steps):
+        if step == (3 * steps) // 4:
+            for g in opt.param_groups:
+                g["lr"] = lr / 10
+        sigma = levels[torch.randint(len(levels), (batch, 1))]
+        i = torch.randint(len(pos_pool), (batch,))
+        j = torch.randint(len(neg_pool), (batch, negatives))
+        loss, _ = edis_mod.info_nce(energies, k, pos_pool[i], neg_pool[j], sigma)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return energies
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Sampler math with exact denoisers
+# ---------------------------------------------------------------------------------------------
+def test_sampler_reproduces_gaussian_mixture(edis_mod):
+    """heun_sample driven by the exact denoiser of a 3-mode mixture with unequal weights and spreads
+    reproduces the weights, means and spreads (the sampler's math, no network involved)."""
+    torch.manual_seed(0)
+    gmm = GMM([[-3.0, 0.0], [3.0, 0.0], [0.0, 4.0]], [0.4, 0.6, 0.3], [0.5, 0.3, 0.2])
+    x = sample_with(edis_mod, gmm.denoise, 4000, 2, steps=32)
+    assert torch.isfinite(x).all()
+    k = gmm.nearest(x)
+    for j in range(3):
+        sel = x[k == j].double()
+        assert abs(len(sel) / len(x) - gmm.w[j].item()) < 0.04, f"mode {j} weight {len(sel) / len(x):.3f}"
+        assert torch.allclose(sel.mean(0), gmm.mu[j], atol=0.1), f"mode {j} mean {sel.mean(0)}"
+        std, true = sel.std(0), gmm.var[j].sqrt().item()
+        assert ((std - true).abs() < 0.15 * true).all(), f"mode {j} std {std} vs {true}"
+
+
+def test_guidance_exact_for_gaussian_tilt(edis_mod):
+    """p = N(0, I), q = N(m, v I). With the exact noised log-ratio f = log q_sigma - log p_sigma as the
+    guide, d - sigma grad f is exactly q's probability-flow slope, so the guided sampler run on p's
+    denoiser must follow the same paths as the plain sampler run on q's exact denoiser (same noise),
+    and reproduce q's moments (spec §3)."""
+    m, v = torch.tensor([1.0, 0.0]), 0.5
+
+    def grad_log_ratio(x, s):  # grad_x [log N(x; m, (v+s^2) I) - log N(x; 0, (1+s^2) I)]
+        return -(x - m) / (v + s**2) + x / (1 + s**2)
+
+    def denoise_p(x, sigma):
+        return x / (1 + sigma**2)
+
+    def denoise_q(x, sigma):
+        return m + v / (v + sigma**2) * (x - m)
+
+    torch.manual_seed(1)
+    guided = sample_with(edis_mod, denoise_p, 2000, 2, steps=32, guide=grad_log_ratio)
+    torch.manual_seed(1)
+    exact_q = sample_with(edis_mod, denoise_q, 2000, 2, steps=32)
+    torch.manual_seed(1)
+    unguided = sample_with(edis_mod, denoise_p, 2000, 2, steps=32)
+    assert torch.allclose(guided, exact_q, atol=1e-3), (guided - exact_q).abs().max()
+    assert not torch.allclose(unguided, exact_q, atol=0.1)  # the guide is what makes the difference
+
+    torch.manual_seed(2)  # moments, with enough steps for the churned sampler's discretization error to be small
+    x = sample_with(edis_mod, denoise_p, 8000, 2, steps=128, guide=grad_log_ratio)
+    assert torch.allclose(x.mean(0), m, atol=0.05), x.mean(0)
+    assert torch.allclose(x.var(0), torch.full((2,), v), atol=0.05), x.var(0)
+
+
+def test_inpainting_recovers_gaussian_conditional(edis_mod):
+    """Joint N(0, [[1, rho], [rho, 1]]), x1 = c known: x2 | x1 ~ N(rho c, 1 - rho^2). Replacement is an
+    approximation that resampling corrects: more resampling must approach the analytic conditional,
+    and with enough of it the moments must match."""
+    rho, c, n = 0.8, 1.0, 4000
+    denoise = gaussian_denoiser([[1.0, rho], [rho, 1.0]])
+    mask = torch.tensor([True, False])
+    values = torch.zeros(n, 2)
+    values[:, 0] = c
+    err = {}
+    for steps, resample in ((32, 1), (32, 2), (128, 10)):
+        torch.manual_seed(2)
+        x = sample_with(edis_mod, denoise, n, 2, steps=steps, known=(mask, values), resample=resample)
+        assert torch.equal(x[:, 0], values[:, 0]), "known coordinate must end exactly at its value"
+        err[steps, resample] = (abs(x[:, 1].mean() - rho * c), abs(x[:, 1].std() - math.sqrt(1 - rho**2)))
+    assert err[32, 2][0] < err[32, 1][0] and err[32, 2][1] < err[32, 1][1], err  # resampling helps
+    assert err[128, 10][0] < 0.05 and err[128, 10][1] < 0.06 * math.sqrt(1 - rho**2), err
+
+
+def test_inpainting_noises_known_coordinates_at_each_level(edis_mod):
+    """Spec §2: churn stays on down to sigma_min when inpainting, and at every denoiser call that
+    starts a step (sigma_hat_i) the known coordinates equal their value plus noise of exactly that
+    level (replacement with fresh noise at sigma_{i+1}, then the churn up to sigma_hat)."""
+    n_steps, n, c = 12, 4000, 0.7
+    denoise = gaussian_denoiser([[1.0, 0.5], [0.5, 1.0]])
+    sig = spec_sigmas(n_steps)
+    hats = [s * (1 + min(80 / n_steps, math.sqrt(2) - 1)) for s in sig[:-1]]  # churn at every level
+    calls = []
+
+    def recording(x, sigma):
+        calls.append((sigma[0, 0].item(), ((x[:, 0] - c) / sigma[:, 0]).std().item()))
+        return denoise(x, sigma)
+    mask = torch.tensor([True, False])
+    values = torch.full((n, 2), c)
+    torch.manual_seed(7)
+    sample_with(edis_mod, recording, n, 2, steps=n_steps, known=(mask, values), resample=2)
+    assert sorted({round(s, 9) for s, _ in calls}) == pytest.approx(sorted(set(hats) | set(sig[1:-1])), rel=1e-6)
+    at_hat = [z for s, z in calls if min(abs(s / h - 1) for h in hats) < 1e-6]
+    assert len(at_hat) == 2 * n_steps  # two passes (resample=2) per step
+    assert all(abs(z - 1) < 0.1 for z in at_hat), at_hat
+
+
+def test_inpainting_bimodal_conditional(edis_mod):
+    """p = 0.1 N((1, 2), 0.3^2 I) + 0.1 N((1, -2), 0.3^2 I) + 0.8 N((-1, 0), 0.3^2 I); given x1 = 1,
+    x2 is +-2 with equal weights, while the unconditional model pulls x2 towards the heavy mode's 0.
+    Inpainted x2 must land in the two modes, not between them (spec §2), and resampling each step
+    twice must cut the share landing between them."""
+    gmm = GMM([[1.0, 2.0], [1.0, -2.0], [-1.0, 0.0]], [0.3] * 3, [0.1, 0.1, 0.8])
+    n = 4000
+    mask = torch.tensor([True, False])
+    values = torch.ones(n, 2)
+    between = {}
+    for resample in (1, 2):
+        torch.manual_seed(3)
+        x = sample_with(edis_mod, gmm.denoise, n, 2, steps=32, known=(mask, values), resample=resample)
+        assert torch.equal(x[:, 0], values[:, 0])
+        x2 = x[:, 1]
+        between[resample] = (x2.abs() < 2 - 3 * 0.3).float().mean()
+    assert between[2] < 0.06, f"{between[2]:.3f} of inpainted values between the modes"
+    assert between[2] < 0.5 * between[1], between
+    up = x2 > 2 - 3 * 0.3
+    down = x2 < -(2 - 3 * 0.3)
+    assert abs(up.float().mean() - down.float().mean()) < 0.05
+    assert abs(x2[up].median() - 2) < 0.1 and abs(x2[down].median() + 2) < 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Training: the denoiser and the energies learn what they should
+# ---------------------------------------------------------------------------------------------
+def test_diffusion_training_learns_mixture(edis_mod):
+    """Denoiser + diffusion_loss (AdamW, EMA as EDIS samples with) on a 3-mode mixture with unequal
+    weights: the sampled mode weights and the spread around the modes match the data's."""
+    torch.manual_seed(4)
+    r = 1.5
+    mus = [[r * math.cos(a), r * math.sin(a)] for a in (math.pi / 2, math.pi * 7 / 6, math.pi * 11 / 6)]
+    gmm = GMM(mus, [0.1] * 3, [0.5, 0.3, 0.2])
+    data, _ = gmm.sample(50_000)
+    model = edis_mod.Denoiser(2, 128, 2)
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.995))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(1200):
+        loss = edis_mod.diffusion_loss(model, data[torch.randint(len(data), (256,))])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema.update_parameters(model)
+    x = sample_with(edis_mod, ema.module, 3000, 2, steps=32)
+    k = gmm.nearest(x)
+    near = (x - gmm.mu[k].float()).norm(dim=1) < 4 * 0.1
+    assert near.float().mean() > 0.95, f"only {near.float().mean():.3f} of samples near a mode"
+    for j in range(3):
+        assert abs((k == j).float().mean() - gmm.w[j]) < 0.05, f"mode {j} weight {(k == j).float().mean():.3f}"
+
+
+def test_energy_learns_log_density_ratio(edis_mod):
+    """info_nce on positives N(m, v I) vs negatives N(0, I), one sigma per group over the sampler's
+    levels: at each level f(., sigma) must match the analytic log ratio of the noised densities
+    log N(x; m, (v + sigma^2) I) - log N(x; 0, (1 + sigma^2) I) up to a constant."""
+    torch.manual_seed(5)
+    m, v = torch.tensor([1.0, 0.0]), 0.5
+    pos = m + math.sqrt(v) * torch.randn(20_000, 2)
+    neg = torch.randn(20_000, 2)
+    energies = edis_mod.Energies([[0, 1]], hidden=128)
+    train_energy(edis_mod, energies, 0, pos, neg, steps=1000, sample_steps=16, batch=128)
+    levels = edis_mod.queried_sigmas(16)
+    for target in (0.03, 1.0, 3.0):  # near-clean, and noised: the noised ratio differs from the clean one
+        s = min(levels, key=lambda l: abs(math.log(l / target)))
+        # evaluation points where the two noised densities have their mass
+        x = torch.cat([m + math.sqrt(v + s**2) * torch.randn(1000, 2), math.sqrt(1 + s**2) * torch.randn(1000, 2)])
+        true = (-((x - m) ** 2).sum(1) / (2 * (v + s**2)) - math.log(v + s**2)
+                + (x**2).sum(1) / (2 * (1 + s**2)) + math.log(1 + s**2))
+        with torch.no_grad():
+            f = energies.one(0, x, torch.full((len(x), 1), s))
+        f, true = f - f.mean(), true - true.mean()
+        slope = (f * true).sum() / (true**2).sum()
+        r2 = 1 - ((f - true) ** 2).sum() / (true**2).sum()
+        assert 0.8 < slope < 1.25 and r2 > 0.85, f"sigma {s:.3f}: slope {slope:.3f}, r2 {r2:.3f}"
+
+
+def test_guidance_moves_samples_to_target_modes(edis_mod):
+    """Spec §3's check: p = 8 modes on a circle (exact denoiser), positives from 2 of them, the energy
+    trained by info_nce on the sampler's levels, guidance through EDIS.guide with weight 1: the guided
+    samples fall in the 2 target modes with the true spread; unguided ones in all 8."""
+    torch.manual_seed(6)
+    gmm = circle_mixture(8, radius=2.0, std=0.3)
+    p_samples, k = gmm.sample(20_000)
+    pos = p_samples[k < 2]
+    energies = edis_mod.Energies([[0, 1]], hidden=128)
+    train_energy(edis_mod, energies, 0, pos, p_samples, steps=1000, sample_steps=32, batch=128)
+    guide, holder = guide_of(edis_mod, energies, [1.0], 2)
+    x = sample_with(edis_mod, gmm.denoise, 2000, 2, steps=32, guide=guide)
+    y = sample_with(edis_mod, gmm.denoise, 2000, 2, steps=32)
+    kx, ky = gmm.nearest(x), gmm.nearest(y)
+    guided_in, unguided_in = (kx < 2).float().mean(), (ky < 2).float().mean()
+    assert guided_in > 0.9, f"guided: {guided_in:.3f} in the target modes"
+    assert abs(unguided_in - 0.25) < 0.04, f"unguided: {unguided_in:.3f} in the target modes"
+    for j in range(2):
+        spread = (x[kx == j] - gmm.mu[j].float()).std(0)
+        assert ((spread - 0.3).abs() < 0.15 * 0.3).all(), f"mode {j} spread {spread} (true 0.3)"
+    assert holder.clip_fired.item() == 0, "the clip is a safety net; a correct energy stays below it"
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The EDIS class on a toy control problem: s in R^2, a in R
+# ---------------------------------------------------------------------------------------------
+A_TRUE, B_TRUE, WRONG_SHIFT, NOISE = 0.8, 0.5, 1.0, 0.05
+PI_GAIN, PI_STD = 0.5, 0.3  # current policy pi(a|s) = N(0.5 s_1, 0.3^2); the data has a = s_1 + N(0, 0.5^2)
+DS, DA = 2, 1
+TOY_STEPS, TOY_ENERGY_WIDTH = 32, 64  # at 16 steps the churned sampler's own error (~+30% variance) blurs the checks
+TOY_DIMS = common.transition_dims(DS, DA)
+
+
+def true_next(s, a):
+    return A_TRUE * s + B_TRUE * torch.cat([a, torch.zeros_like(a)], 1)
+
+
+def toy_rows(n, dynamics=True, wrong_frac=0.0, s2_mean=0.0, s2_std=1.0):
+    """s_1 ~ N(0, 1), s_2 ~ N(s2_mean, s2_std^2), a = s_1 + N(0, 0.5^2). With `dynamics`:
+    r = s_1 - a + noise and s' = A s + B a e_1 + noise, a share `wrong_frac` of rows following a
+    wrong dynamics (s'_1 shifted). Without: r and s' are noise independent of (s, a)."""
+    s = torch.randn(n, DS) * torch.tensor([1.0, s2_std]) + torch.tensor([0.0, s2_mean])
+    a = s[:, :1] + 0.5 * torch.randn(n, 1)
+    if dynamics:
+        r = (s[:, :1] - a)[:, 0] + NOISE * torch.randn(n)
+        s2 = true_next(s, a) + NOISE * torch.randn(n, DS)
+        s2[:, 0] += WRONG_SHIFT * (torch.rand(n) < wrong_frac).float()
+    else:
+        r, s2 = 0.5 * torch.randn(n), torch.randn(n, DS)
+    return {"obs": s, "actions": a, "rewards": r, "next_obs": s2, "terminals": torch.zeros(n)}
+
+
+def toy_buffer(rows):
+    buf = common.Buffer(len(rows["obs"]), TOY_DIMS, CPU)
+    buf.add(**rows)
+    return buf
+
+
+class LinearGaussianPolicy:
+    """pi(a|s) = N(PI_GAIN s_1, PI_STD^2), with the learner actor's interface (sample, log_prob)."""
+
+    def sample(self, s):
+        return PI_GAIN * s[:, :1] + PI_STD * torch.randn(len(s), 1)
+
+    def log_prob(self, s, a):
+        return torch.distributions.Normal(PI_GAIN * s[:, :1], PI_STD).log_prob(a.reshape(len(s), 1)).sum(-1)
+
+
+def toy_args(edis_mod, weights):
+    return edis_mod.EDISArgs(
+        diffusion_width=128, diffusion_depth=2, diffusion_finetune_steps=0, sample_steps=TOY_STEPS,
+        pool_size=4000, energy_steps=1000, energy_batch_size=64, num_generated=2000, gen_batch_size=4000,
+        positive_buffer_size=2000, diag_samples=2000,
+        state_guidance=weights[0], policy_guidance=weights[1], transition_guidance=weights[2])
+
+
+def make_toy_edis(edis_mod, weights, offline):
+    """EDIS as the scripts build it, with narrower energy networks (speed); the class picks its slices."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(edis_mod, "Energies", functools.partial(edis_mod.Energies, hidden=TOY_ENERGY_WIDTH))
+        return edis_mod.EDIS(toy_args(edis_mod, weights), offline, DS, DA, False, CPU)
+
+
+def pretrain_toy(edis_mod, rows, seed):
+    torch.manual_seed(seed)
+    offline = toy_buffer(rows)
+    edis = make_toy_edis(edis_mod, (0.0, 0.0, 0.0), offline)
+    metrics = edis.train_diffusion([offline], 1000)
+    assert torch.isfinite(metrics["diffusion/loss"])
+    return offline, {k: copy.deepcopy(getattr(edis, k).state_dict()) for k in ("model", "ema", "opt")}
+
+
+def run_toy_cycle(edis_mod, toy_model, weights, positive_rows, real_rows, seed):
+    """One EDIS.cycle with the given guidance weights, from the pretrained toy model (no fine-tuning).
+    Returns the cycle's metrics, the generated buffer and as many unguided samples (learner space)."""
+    offline_model_data, state = toy_model
+    edis = make_toy_edis(edis_mod, weights, offline_model_data)
+    for k, v in state.items():
+        getattr(edis, k).load_state_dict(v)
+    torch.manual_seed(seed)
+    edis.positive_buffer.add(**positive_rows)
+    real_offline, online = toy_buffer(real_rows(4000)), toy_buffer(real_rows(1000))
+    timer = common.Timer()
+    m = edis.cycle(LinearGaussianPolicy(), real_offline, online, timer, lambda *_: {})  # no env-specific checks
+    assert edis.cycles == 1 and set(timer.total) >= {"diffusion", "energy", "generation", "diagnostics"}
+    assert float(m["gen/nonfinite_dropped"]) == 0.0 and edis.generated_buffer.size == edis.args.num_generated
+    gen = {k: v.reshape(edis.generated_buffer.size, -1) for k, v in edis.generated_buffer.all().items()}
+    unguided = {k: v.reshape(len(v), -1) for k, v in edis.from_x(edis.sample(edis.args.num_generated)).items()}
+    return m, gen, unguided
+
+
+@pytest.fixture(scope="module")
+def policy_state_cycle(edis_mod):
+    """State and policy guidance on, transition off. The data's r and s' do not depend on (s, a), and
+    the positive buffer (recent online data ~ d^pi) differs from the data in s_2 only (N(1, 0.5^2)
+    instead of N(0, 1)): the two ratios read independent groups of coordinates ({s_2} and
+    {s_1, a}), so their separately noised ratios add up to the exact noised ratio and the guided
+    distribution has a closed form: s_1 ~ N(0, 1), s_2 ~ N(1, 0.5^2), a | s ~ pi."""
+    model = pretrain_toy(edis_mod, toy_rows(5000, dynamics=False), seed=10)
+    torch.manual_seed(11)
+    positive = toy_rows(2000, dynamics=False, s2_mean=1.0, s2_std=0.5)
+    return run_toy_cycle(edis_mod, model, (1.0, 1.0, 0.0), positive,
+                         lambda n: toy_rows(n, dynamics=False), seed=12)
+
+
+def policy_resid(b):
+    return ((b["actions"][:, 0] - PI_GAIN * b["obs"][:, 0]) ** 2).mean()
+
+
+def test_policy_energy_pulls_actions_toward_policy(edis_mod, policy_state_cycle):
+    """Guided actions follow pi(a|s) = N(0.5 s_1, 0.3^2): E(a - 0.5 s_1)^2 -> 0.09 (the data's
+    a = s_1 + N(0, 0.5^2) gives 0.25 E[s_1^2] + 0.25 unguided), and log pi of the samples rises."""
+    m, gen, unguided = policy_state_cycle
+    target = PI_STD**2
+    unguided_expected = 0.25 * (unguided["obs"][:, 0] ** 2).mean() + 0.25
+    assert abs(policy_resid(unguided) - unguided_expected) < 0.2 * unguided_expected  # the model learned the data
+    assert abs(policy_resid(gen) - target) < 0.4 * target, (policy_resid(gen), policy_resid(unguided))
+    assert abs(gen["obs"][:, 0].std() - 1.0) < 0.15, gen["obs"][:, 0].std()  # s_1's marginal is kept
+    assert m["gen/guided_policy_logprob"] > m["gen/unguided_policy_logprob"] + 1.0, m
+    assert m["energy/policy_heldout_top1"] > m["energy/chance_top1"]
+
+
+def test_state_guidance_reduces_mmd(edis_mod, policy_state_cycle):
+    """Guided states follow the positive buffer's distribution (s_2 ~ N(1, 0.5^2), s_1 unchanged),
+    and the cycle's MMD diagnostic says so."""
+    m, gen, unguided = policy_state_cycle
+    s, su = gen["obs"], unguided["obs"]
+    assert (su.mean(0).abs() < 0.15).all() and ((su.std(0) - 1.0).abs() < 0.15).all()  # unguided: the data's
+    assert abs(s[:, 1].mean() - 1.0) < 0.15 and abs(s[:, 1].std() - 0.5) < 0.1, (s.mean(0), s.std(0))
+    assert abs(s[:, 0].mean()) < 0.15, s.mean(0)
+    assert m["gen/guided_state_mmd"] < 0.5 * m["gen/unguided_state_mmd"], m
+    assert m["energy/state_heldout_top1"] > m["energy/chance_top1"]
+
+
+def test_transition_energy_pulls_next_state_toward_dynamics(edis_mod):
+    """The model learned data whose next states follow the true dynamics s' = A s + B a e_1 in half
+    the rows and a wrong one in the other half: it stands for a wrong p_theta(s'|s, a). Real data
+    (offline and online at the cycle) obeys the true dynamics. Transition guidance alone must bring
+    the generated s' to the true dynamics. The real rows' states are shifted (s_2 ~ N(0.7, 1)) from
+    the model's: the transition energy contrasts real rows with the model's inpainting *of those
+    same (s, a)*, so it learns T / p_theta(s'|s, a) only, and (s, a) keep the model's distribution."""
+    model = pretrain_toy(edis_mod, toy_rows(5000, wrong_frac=0.5), seed=13)
+    real = functools.partial(toy_rows, s2_mean=0.7)
+    m, gen, unguided = run_toy_cycle(edis_mod, model, (0.0, 0.0, 1.0), toy_rows(2000), real, seed=14)
+    def err(b):
+        return b["next_obs"] - true_next(b["obs"], b["actions"])
+
+    def true_mode(e):  # share of rows nearer the true than the wrong dynamics
+        return (e[:, 0].abs() < WRONG_SHIFT / 2).float().mean()
+    e_gen, e_un = err(gen), err(unguided)
+    assert abs(true_mode(e_un) - 0.5) < 0.1  # the model reproduces the mixture
+    assert true_mode(e_gen) > 0.9, true_mode(e_gen)
+    mse_gen, mse_un = (e_gen**2).sum(1).mean(), (e_un**2).sum(1).mean()
+    assert mse_gen < 0.2 * mse_un, (mse_gen, mse_un)
+    s, da = gen["obs"], gen["actions"][:, 0] - gen["obs"][:, 0]
+    assert (s.mean(0).abs() < 0.2).all() and ((s.std(0) - 1.0).abs() < 0.25).all(), (s.mean(0), s.std(0))
+    assert abs(da.std() - 0.5) < 0.2, da.std()
+    assert m["energy/transition_heldout_top1"] > m["energy/chance_top1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Structure: schedule, queried levels, no host synchronisation, pools, guide clip, layout
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [2, 16, 128])
+def test_schedule_is_python_floats_matching_spec(edis_mod, n):
+    sig = edis_mod.karras_sigmas(n)
+    assert len(sig) == n + 1 and all(type(s) is float for s in sig), "the sampler loop must not read tensors"
+    assert sig[-1] == 0.0 and sig[0] == pytest.approx(80.0) and sig[-2] == pytest.approx(0.002)
+    assert all(a > b for a, b in zip(sig, sig[1:]))
+    assert sig == pytest.approx(spec_sigmas(n), rel=1e-9)
+
+
+@pytest.mark.parametrize("n", [8, 32])
+def test_queried_sigmas_are_exactly_what_the_sampler_asks(edis_mod, n):
+    """The energies are trained on queried_sigmas(n): it must hold every sigma_i and sigma_hat_i of the
+    spec's schedule, and nothing else than the levels the guided sampler really evaluates."""
+    levels = edis_mod.queried_sigmas(n)
+    expected = {s for s in spec_sigmas(n)[:-1]} | {spec_sigma_hat(s, n) for s in spec_sigmas(n)[:-1]}
+    assert sorted(levels) == pytest.approx(sorted(expected), rel=1e-9)
+    seen = []
+
+    def guide(x, s):
+        assert type(s) is float
+        seen.append(s)
+        return torch.zeros_like(x)
+
+    def denoise(x, sigma):
+        assert sigma.shape == (len(x), 1) and (sigma == sigma[0]).all()
+        return torch.zeros_like(x)
+
+    sample_with(edis_mod, denoise, 5, 3, steps=n, guide=guide)
+    assert sorted(set(seen)) == pytest.approx(sorted(levels), rel=1e-6)
+
+
+def tiny_edis(edis_mod, ds=2, da=1, terminals=False, n=300, **kw):
+    args = dict(diffusion_width=32, diffusion_depth=1, sample_steps=4, pool_size=200, energy_steps=2,
+                energy_batch_size=8, num_generated=100, gen_batch_size=64, positive_buffer_size=100,
+                diag_samples=50, diffusion_finetune_steps=2)
+    args.update(kw)
+    dims = {"obs": ds, "actions": da, "rewards": 0, "next_obs": ds, "terminals": 0}
+    offline = common.Buffer(n, dims, CPU)
+    offline.add(obs=torch.randn(n, ds), actions=torch.rand(n, da) * 2 - 1, rewards=torch.randn(n),
+                next_obs=torch.randn(n, ds), terminals=(torch.rand(n) < 0.3).float() if terminals else torch.zeros(n))
+    return edis_mod.EDIS(edis_mod.EDISArgs(**args), offline, ds, da, terminals, CPU), offline
+
+
+def test_sampler_has_no_host_sync(edis_mod):
+    """Unguided, guided (EDIS.guide, with its clip counter) and inpainting sampling never turn a
+    tensor into a Python value (on a GPU each such conversion is a device sync)."""
+    torch.manual_seed(20)
+    edis, offline = tiny_edis(edis_mod)
+    batch = offline.sample(40)
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("host synchronisation inside the sampler")
+    conversions = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
+    with pytest.MonkeyPatch.context() as mp:
+        for name in conversions:
+            mp.setattr(torch.Tensor, name, forbidden)
+        outs = [edis.sample(100), edis.sample(100, guided=True), edis.inpaint(batch)]
+        with pytest.raises(AssertionError, match="host synchronisation"):  # the guard itself works
+            bool(torch.ones(()) > 0)
+    assert [tuple(o.shape) for o in outs] == [(100, 6), (100, 6), (40, 6)]
+    assert all(torch.isfinite(o).all() for o in outs)
+
+
+def test_guide_is_weighted_gradient_clipped_per_sample(edis_mod):
+    """EDIS.guide = sum_k w_k grad_x f_k (one backward); sigma * guide is clipped per sample at the
+    clip level with its direction kept, and the clipped rows are counted."""
+    W = torch.tensor([[1.0, 0.0, 2.0], [0.0, -3.0, 0.0], [0.5, 0.0, 0.0]])
+
+    def energies(x, sig):  # f_k(x) = x . W[:, k], plus |x|^2 for k = 2
+        return x @ W + (x**2).sum(1, keepdim=True) * torch.tensor([0.0, 0.0, 1.0])
+    weights = torch.tensor([0.5, 2.0, 1.0])
+    guide, holder = guide_of(edis_mod, energies, weights.tolist(), 3)
+    holder.clip = 10.0
+    x = torch.tensor([[0.1, 0.2, 0.3], [10.0, 0.0, 0.0]])
+    exact = (W * weights).sum(1) + 2 * x  # analytic weighted gradient, per row
+    for sigma in (1.0, 0.5):
+        before = holder.clip_fired.item()
+        g = guide(x, sigma)
+        over = sigma * exact.norm(dim=1) > holder.clip
+        assert over.tolist() == [False, True]
+        assert torch.allclose(g[0], exact[0], atol=1e-5)  # below the clip: untouched
+        assert torch.allclose(sigma * g[1].norm(), torch.tensor(holder.clip), atol=1e-4)  # clipped to the level
+        assert torch.allclose(g[1] / g[1].norm(), exact[1] / exact[1].norm(), atol=1e-5)  # same direction
+        assert holder.clip_fired.item() - before == 1
+    assert torch.allclose(guide(x, 0.01), exact, atol=1e-5)  # small sigma: nothing clipped
+
+
+def test_transition_vector_layout_roundtrip(edis_mod):
+    """to_x / from_x: [s, a, r, s', (terminal)] standardized with the offline statistics; from_x
+    inverts to_x and thresholds the terminal at 0.5."""
+    torch.manual_seed(21)
+    edis, offline = tiny_edis(edis_mod, ds=3, da=2, terminals=True)
+    batch = offline.sample(50)
+    x = edis.to_x(batch)
+    assert x.shape == (50, 3 + 2 + 1 + 3 + 1)
+    data = offline.all()
+    raw = torch.cat([data["obs"], data["actions"], data["rewards"][:, None], data["next_obs"], data["terminals"][:, None]], 1)
+    assert torch.allclose(edis.to_x(data), (raw - raw.mean(0)) / raw.std(0), atol=1e-5)  # order and statistics
+    back = edis.from_x(x)
+    for k in ("obs", "actions", "next_obs"):
+        assert torch.allclose(back[k], batch[k], atol=1e-5), k
+    assert torch.allclose(back["rewards"], batch["rewards"], atol=1e-5) and back["rewards"].shape == (50,)
+    assert torch.equal(back["terminals"], batch["terminals"])
+    x2 = x.clone()  # raw terminal just below / just above 0.5
+    x2[:, -1] = (torch.tensor([0.49, 0.51]).repeat(25) - raw[:, -1].mean()) / raw[:, -1].std()
+    assert edis.from_x(x2)["terminals"].tolist() == [0.0, 1.0] * 25
+
+
+def test_pools_match_the_conditioning(edis_mod):
+    """Spec §3 table: policy positives are the unguided samples with only a replaced by a ~ pi(.|s);
+    transition negatives keep real (s, a) rows and have the model's (r, s')."""
+    torch.manual_seed(22)
+    edis, offline = tiny_edis(edis_mod, ds=2, da=1)
+    edis.positive_buffer.add(**offline.sample(100))
+    pools = edis.make_pools(LinearGaussianPolicy(), [offline])
+    cat = {k: torch.cat(v) for k, v in pools.items()}
+    ds, da = 2, 1
+    assert cat["unguided"].shape == cat["with_pi"].shape == (200, 6)
+    keep = [0, 1, 3, 4, 5]
+    assert torch.equal(cat["with_pi"][:, keep], cat["unguided"][:, keep])
+    s = cat["unguided"][:, :ds] * edis.x_std[:ds] + edis.x_mean[:ds]
+    a = cat["with_pi"][:, ds] * edis.x_std[ds] + edis.x_mean[ds]
+    resid = (a - PI_GAIN * s[:, 0]) / PI_STD  # a+ ~ pi(.|s) of the same row: standard normal residual
+    assert abs(resid.mean()) < 0.3 and abs(resid.std() - 1) < 0.2
+    real_sa = edis.to_x(offline.all())[:, : ds + da]
+    d = torch.cdist(cat["inpainted"][:, : ds + da], real_sa, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+    assert (d < 1e-5).all(), "inpainted rows must keep real (s, a) exactly"
+    assert torch.cdist(cat["inpainted"][:, ds + da:], edis.to_x(offline.all())[:, ds + da:]).min(1).values.max() > 1e-3
+
+
+def test_info_nce_is_softmax_cross_entropy_with_one_sigma_per_group(edis_mod):
+    """info_nce noises the positive and its K negatives with the group's sigma, evaluates the energy
+    at that sigma, and returns -log softmax of the positive (and top-1 accuracy)."""
+    torch.manual_seed(23)
+    B, K, D = 64, 5, 3
+    pos, neg = torch.randn(B, D), torch.randn(B, K, D)
+    sigma = torch.exp(torch.randn(B, 1))
+    seen = {}
+
+    class Recorder:  # f(u) = -|u|^2, recording what info_nce feeds it
+        def one(self, k, x, sig):
+            seen.update(k=k, x=x.detach(), sig=sig)
+            return -(x**2).sum(1)
+    loss, acc = edis_mod.info_nce(Recorder(), 2, pos, neg, sigma)
+    assert seen["k"] == 2
+    u = torch.cat([pos[:, None], neg], 1)  # (B, 1 + K, D)
+    x, sig = seen["x"].reshape(B, K + 1, D), seen["sig"].reshape(B, K + 1)
+    assert torch.equal(sig, sigma.expand(B, K + 1))  # the group's sigma for all its members
+    z = (x - u) / sigma[:, :, None]  # the noise, standardized by the group's sigma
+    assert abs(z.mean()) < 0.05 and abs(z.std() - 1) < 0.05
+    logits = -(x**2).sum(2)
+    expected = -torch.log_softmax(logits, 1)[:, 0].mean()
+    assert torch.allclose(loss, expected, atol=1e-5)
+    assert torch.allclose(acc, (logits.argmax(1) == 0).float().mean())
+
+
+def test_rbf_mmd(edis_mod):
+    torch.manual_seed(24)
+    x, y = torch.randn(600, 2), torch.randn(600, 2)
+    assert edis_mod.rbf_mmd(x, x).abs() < 1e-6
+    same = edis_mod.rbf_mmd(x, y)
+    shifted = [edis_mod.rbf_mmd(x, y + torch.tensor([d, 0.0])) for d in (0.5, 1.0, 2.0)]
+    assert abs(same) < 0.01 and shifted[0] > 5 * abs(same)
+    assert shifted[0] < shifted[1] < shifted[2]  # grows with the shift
+    # the median-distance bandwidth makes it scale-free
+    assert torch.allclose(edis_mod.rbf_mmd(3 * x, 3 * y + 3.0), edis_mod.rbf_mmd(x, y + 1.0), atol=1e-5)
+    assert torch.allclose(edis_mod.rbf_mmd(x, y + 1.0), edis_mod.rbf_mmd(y + 1.0, x), atol=1e-6)  # symmetric
+
+
+def test_union_sample_shares_by_size(edis_mod):
+    a = common.Buffer(300, {"obs": 1}, CPU)
+    b = common.Buffer(100, {"obs": 1}, CPU)
+    a.add(obs=torch.zeros(300))
+    b.add(obs=torch.ones(100))
+    out = edis_mod.union_sample([a, b], 1000)["obs"]
+    assert len(out) == 1000 and out.sum().item() == 250  # 1000 * 100 / 400 from b
+
+
+def test_cycle_runs_with_one_dimensional_states(edis_mod):
+    torch.manual_seed(25)
+    edis, offline = tiny_edis(edis_mod, ds=1, da=1)
+    edis.positive_buffer.add(**offline.sample(100))
+    m = edis.cycle(LinearGaussianPolicy(), offline, offline, common.Timer(), lambda *_: {})
+    assert torch.isfinite(torch.as_tensor(float(m["gen/guided_state_mmd"])))
+
+
+def test_state_dict_roundtrip_restores_sampling(edis_mod):
+    """A checkpointed EDIS (model, EMA, energies, buffers, counters) samples exactly as the original."""
+    torch.manual_seed(26)
+    edis, offline = tiny_edis(edis_mod)
+    edis.train_diffusion([offline], 3)
+    edis.positive_buffer.add(**offline.sample(30))
+    edis.generated_buffer.add(**offline.sample(20))
+    edis.cycles = 3
+    state = copy.deepcopy(edis.state_dict())
+    torch.manual_seed(27)
+    other, _ = tiny_edis(edis_mod)
+    other.load_state_dict(state)
+    assert other.cycles == 3 and other.positive_buffer.size == 30 and other.generated_buffer.size == 20
+    for k, v in edis.positive_buffer.all().items():
+        assert torch.equal(other.positive_buffer.all()[k], v)
+    torch.manual_seed(28)
+    x = edis.sample(50, guided=True)
+    torch.manual_seed(28)
+    assert torch.equal(other.sample(50, guided=True), x)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Diagnostics that live in common.py (used by the EDIS cycle's `diagnose`): not parametrized
+# ---------------------------------------------------------------------------------------------
+def test_dynamics_error_real_vs_shuffled():
+    import gymnasium as gym
+    env = gym.make("Hopper-v4")
+    obs, _ = env.reset(seed=0)
+    env.action_space.seed(0)
+    rows = {"obs": [], "actions": [], "next_obs": []}
+    while len(rows["obs"]) < 200:
+        a = env.action_space.sample()
+        nxt, _, term, trunc, _ = env.step(a)
+        rows["obs"].append(obs)
+        rows["actions"].append(a)
+        rows["next_obs"].append(nxt)
+        obs = env.reset()[0] if term or trunc else nxt
+    env.close()
+    data = {k: np.array(v) for k, v in rows.items()}
+    norm = common.Normalizer.fit(data["obs"])
+    batch = {"obs": torch.as_tensor(norm(data["obs"]), dtype=torch.float32),
+             "actions": torch.as_tensor(data["actions"], dtype=torch.float32),
+             "next_obs": torch.as_tensor(norm(data["next_obs"]), dtype=torch.float32)}
+    real = common.dynamics_error(lambda: gym.make("Hopper-v4"), norm, batch)
+    shuffled = common.dynamics_error(lambda: gym.make("Hopper-v4"), norm,
+                                     {**batch, "next_obs": batch["next_obs"][torch.randperm(200, generator=torch.Generator().manual_seed(0))]})
+    assert real < 1e-6, real
+    assert shuffled > 0.1, shuffled
+
+
+@pytest.mark.parametrize("maze", [False, True])
+def test_state_scatter_writes_png(tmp_path, maze):
+    torch.manual_seed(29)
+    norm = common.Normalizer(np.array([1.0, -2.0, 0.0, 0.0], np.float32), np.array([2.0, 3.0, 1.0, 1.0], np.float32))
+    groups = {"offline": torch.randn(300, 4), "positive buffer": torch.randn(50, 4) + 1,
+              "unguided": torch.randn(100, 4), "guided": torch.cat([torch.randn(99, 4), torch.full((1, 4), float("nan"))])}
+    path = tmp_path / "states.png"
+    common.state_scatter(path, groups, norm, maze=maze, title="test")
+    data = path.read_bytes()
+    assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+    img = matplotlib.image.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
