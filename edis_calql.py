@@ -117,7 +117,7 @@ class Denoiser(nn.Module):
         self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
         self.out = nn.Linear(width, dim)
 
-    def forward(self, x, sigma):  # sigma: (B, 1)
+    def forward(self, x, sigma):  # sigma: (B, 1), or (1, 1) shared by all rows
         c_skip, c_out, c_in, c_noise = edm_scalings(sigma)
         h = self.inp(self.proj(c_in * x) + self.time(self.fourier(c_noise)))
         for block in self.blocks:
@@ -152,7 +152,7 @@ def heun_sample(denoise, x, sigmas, guide=None, known=None, resample: int = 1):
     n = len(sigmas) - 1
 
     def slope(x, s):  # d = (x - D)/sigma = -sigma * score; guidance adds -sigma * grad f
-        sig = torch.full((len(x), 1), s, device=x.device)
+        sig = torch.full((1, 1), s, device=x.device)  # one sigma for all rows: the time embedding is computed once
         d = (x - denoise(x, sig)) / s
         return d if guide is None else d - s * guide(x, s)
 
