@@ -302,8 +302,18 @@ def load_task(env: str, dataset: str | None = None) -> Task:
             raise UserError(f"--dataset {path} does not exist")
         data = _read_hdf5(path)
         env_fn = eval_fn = (lambda: gym.make(src.env_id))
-    check_transitions(data, env_fn(), src)
+    env = env_fn()
+    check_transitions(data, env, src)
+    low, high = env.action_space.low.astype(np.float32), env.action_space.high.astype(np.float32)
+    env.close()
+    if not (np.allclose(low, -1) and np.allclose(high, 1)):  # learners act in [-1, 1]: map data and envs there
+        data.actions = np.clip(2 * (data.actions - low) / (high - low) - 1, -1, 1).astype(np.float32)
+        env_fn, eval_fn = _rescaled(env_fn), _rescaled(eval_fn)
     return Task(src, data, env_fn, eval_fn, src.ref)
+
+
+def _rescaled(env_fn):
+    return lambda: gym.wrappers.RescaleAction(env_fn(), -1.0, 1.0)
 
 
 def check_transitions(data: Transitions, env: gym.Env, src: Source):
@@ -318,7 +328,6 @@ def check_transitions(data: Transitions, env: gym.Env, src: Source):
     if data.actions.shape[1] != env.action_space.shape[0]:
         raise UserError(f"dataset {src.location} has {data.actions.shape[1]}-d actions but env "
                         f"{env.spec.id} has {env.action_space.shape[0]}-d; pass the env the dataset was collected in")
-    env.close()
 
 
 # ---------------------------------------------------------------------------------------------

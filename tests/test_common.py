@@ -568,3 +568,27 @@ def test_run_main_in_a_process(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2
     assert p.stderr.count("\n") == 1 and p.stderr.startswith("error: unknown --env 'hopper-medium-v9'"), p.stderr
+
+
+def test_action_bounds_other_than_unit_are_rescaled_for_data_and_env(tmp_path):
+    """Pendulum's actions lie in [-2, 2]; the learners act in [-1, 1]. Data actions must be mapped
+    by the same affine map the env wrapper inverts, so a dataset action replayed through the
+    wrapped env reproduces the recorded transition."""
+    task = common.load_task("Pendulum-v1", "random:200")
+    a = task.data.actions
+    assert a.min() >= -1 and a.max() <= 1 and a.min() < -0.5 and a.max() > 0.5
+    env = task.env_fn()
+    assert np.allclose(env.action_space.low, -1) and np.allclose(env.action_space.high, 1)
+    raw = gym.make("Pendulum-v1").unwrapped
+    raw.reset(seed=0)
+    wrapped = env.unwrapped
+    env.reset(seed=0)
+    s = task.data.observations[0]
+    theta = np.arctan2(s[1], s[0])
+    for e in (raw, wrapped):
+        e.state = np.array([theta, s[2]])
+    r_raw = raw.step(a[:1] * 2.0)[1]
+    wrapped.state = np.array([theta, s[2]])
+    r_wrapped = env.step(a[:1])[1]
+    assert r_raw == pytest.approx(r_wrapped, abs=1e-5)
+    assert r_raw == pytest.approx(task.data.rewards[0], abs=1e-4)
