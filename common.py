@@ -612,7 +612,7 @@ class Run:
     """Plumbing around a script's training loops. `state` holds what a checkpoint must restore
     (objects with state_dict); counters, timings and RNG states are added here."""
 
-    def __init__(self, args, task: Task, obs_norm: Normalizer, state: dict, device):
+    def __init__(self, args, task: Task, obs_norm: Normalizer, state: dict):
         from tqdm import tqdm
         self.args, self.task, self.obs_norm = args, task, obs_norm
         self.dir = Path(args.resume or args.run_dir or f"runs/{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}")
@@ -622,7 +622,8 @@ class Run:
         self.last_eval: dict = {}
         self.state = {**state, "counters": self.counters, "timer": self.timer.total, "last_eval": self.last_eval}
         if args.resume:
-            saved = load_checkpoint(self.ckpt, self.state, map_location=device)
+            # on the CPU: RNG states must stay CPU tensors; each load_state_dict copies to its own device
+            saved = load_checkpoint(self.ckpt, self.state)
             for k in ("counters", "timer", "last_eval"):
                 self.state[k].update(saved[k])
             set_rng_state(saved["rng"])

@@ -704,7 +704,7 @@ def main(argv=None):
     edis = EDIS(args, offline, ds, da, bool(data.terminals.any()), device) if args.edis else None
     learner = CalQL(ds, da, args, device)
     env = common.make_env(task.env_fn, obs_norm, args.seed)
-    run = common.Run(args, task, obs_norm, {"learner": learner, "online": online, **({"edis": edis} if edis else {})}, device)
+    run = common.Run(args, task, obs_norm, {"learner": learner, "online": online, **({"edis": edis} if edis else {})})
     counters, timer = run.counters, run.timer
 
     def policy(obs):  # deterministic, for evaluation
