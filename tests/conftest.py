@@ -3,12 +3,14 @@
 Every test runs with its own empty Minari and D4RL directories and with the network cut, so no test
 reads ~/.minari or ~/.d4rl, and none can download anything (on a networked CI machine either)."""
 import os
+from contextlib import contextmanager
 import socket
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -98,3 +100,14 @@ def make_minari_dataset(dataset_id, episodes, env_id, **kwargs):
 @pytest.fixture(name="make_minari_dataset")
 def make_minari_dataset_fixture():
     return make_minari_dataset
+
+
+@contextmanager
+def one_thread():
+    """Tiny networks run faster on one thread (and do not fight the other tests for the cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

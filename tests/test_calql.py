@@ -6,7 +6,6 @@ the mean of the max of n tanh-normal draws by quadrature) and the spec's preset 
 import math
 import signal
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,22 +16,13 @@ import torch.nn as nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from conftest import one_thread  # noqa: E402
+
 import common  # noqa: E402
 import edis_calql  # noqa: E402
 from edis_calql import Args, CalQL, TanhGaussianActor, calibrate, mc_returns  # noqa: E402
 
 CPU = torch.device("cpu")
-
-
-@contextmanager
-def one_thread():
-    """Tiny networks run faster on one thread (and do not fight the other tests for the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def return_to_go(rewards, gamma) -> np.ndarray:

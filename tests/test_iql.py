@@ -5,7 +5,6 @@ data the test builds: expectiles by bisection, Q/V by the Bellman equation of a 
 chain, the AWR policy mean as the advantage-weighted mean of the data's actions."""
 import signal
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +14,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from conftest import one_thread  # noqa: E402
+
 import edis_iql  # noqa: E402
 from edis_iql import IQL, Args, expectile_loss  # noqa: E402
-
-
-@contextmanager
-def one_thread():
-    """Tiny networks run faster on one thread (and do not fight the other tests for the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def expectile_bisection(x: np.ndarray, tau: float, w: np.ndarray | None = None) -> float:
