@@ -744,7 +744,8 @@ def main(argv=None):
                 ep_rows.append(online.add(**row, mc_return=[-math.inf]))  # calibrated once the episode ends
                 if edis is not None:
                     edis.positive_buffer.add(**row)
-                ep_ret, ep_rewards, obs = ep_ret + r, ep_rewards + [r * r_scale + r_bias], nxt
+                ep_rewards.append(r * r_scale + r_bias)
+                ep_ret, obs = ep_ret + r, nxt
                 if term or trunc:
                     ends = np.zeros(len(ep_rewards), bool)
                     ends[-1] = True
