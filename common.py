@@ -361,7 +361,8 @@ def episode_returns(data: Transitions) -> np.ndarray:
 
 
 def reward_scale_bias(family: str, data: Transitions) -> tuple[float, float]:
-    """IQL's reward transform r -> scale*r + bias: antmaze r-1; locomotion 1000/(return range)."""
+    """The family's default reward transform r -> scale*r + bias: antmaze r-1; locomotion
+    1000/(return range of the dataset's episodes); otherwise unchanged."""
     if family == "antmaze":
         return 1.0, -1.0
     if family == "locomotion":
@@ -485,9 +486,9 @@ def state_scatter(path: Path, groups: dict, normalizer: Normalizer, maze: bool, 
 # Replay buffers: preallocated device tensors, ring-indexed, sampled on the device
 # ---------------------------------------------------------------------------------------------
 class Buffer:
-    def __init__(self, capacity: int, dims: dict[str, int], device, generator: torch.Generator | None = None):
+    def __init__(self, capacity: int, dims: dict[str, int], device):
         """dims: field -> width; 0 marks a scalar field (stored as (capacity,), e.g. rewards)."""
-        self.capacity, self.device, self.gen = capacity, torch.device(device), generator
+        self.capacity, self.device = capacity, torch.device(device)
         self.data = {k: torch.zeros((capacity, d) if d else (capacity,), device=self.device) for k, d in dims.items()}
         self.ptr = self.size = 0  # host integers: no device sync to know how much is stored
 
@@ -508,7 +509,7 @@ class Buffer:
         self.add(**batch)
 
     def sample(self, n: int) -> dict[str, torch.Tensor]:
-        idx = torch.randint(self.size, (n,), device=self.device, generator=self.gen)
+        idx = torch.randint(self.size, (n,), device=self.device)
         return {k: v[idx] for k, v in self.data.items()}
 
     def all(self) -> dict[str, torch.Tensor]:
@@ -523,9 +524,6 @@ class Buffer:
         self.ptr, self.size = s["ptr"], s["size"]
 
 
-TRANSITION_FIELDS = ("obs", "actions", "rewards", "next_obs", "terminals")
-
-
 def transition_dims(ds: int, da: int, **extra: int) -> dict:
     return {"obs": ds, "actions": da, "rewards": 0, "next_obs": ds, "terminals": 0, **extra}  # 0: scalar
 
@@ -537,6 +535,11 @@ def offline_buffer(data: Transitions, obs_norm: Normalizer, r_scale: float, r_bi
     buf.add(obs=obs_norm(data.observations), actions=data.actions, rewards=data.rewards * r_scale + r_bias,
             next_obs=obs_norm(data.next_observations), terminals=data.terminals, **extra)
     return buf
+
+
+def device_row(device, **fields) -> dict:
+    """One env step as (1, ...) float tensors on the device, converted once for every buffer it enters."""
+    return {k: torch.as_tensor(np.asarray(v, np.float32), device=device).reshape(1, -1) for k, v in fields.items()}
 
 
 def cat_batches(*batches: dict) -> dict:

@@ -419,12 +419,13 @@ class EDIS:
         m.update(diagnose(samples, states, self.cycles))
         return m
 
+    MODULES = ("model", "ema", "opt", "energies", "energy_opt", "positive_buffer", "generated_buffer")
+
     def state_dict(self):
-        return {k: common.state_of(getattr(self, k)) for k in
-                ("model", "ema", "opt", "energies", "energy_opt", "positive_buffer", "generated_buffer", "clip_fired", "cycles")}
+        return {**{k: getattr(self, k).state_dict() for k in self.MODULES}, "clip_fired": self.clip_fired, "cycles": self.cycles}
 
     def load_state_dict(self, s):
-        for k in ("model", "ema", "opt", "energies", "energy_opt", "positive_buffer", "generated_buffer"):
+        for k in self.MODULES:
             getattr(self, k).load_state_dict(s[k])
         self.clip_fired, self.cycles = s["clip_fired"].to(self.device), s["cycles"]
 # ==============================================================================================
@@ -627,8 +628,8 @@ def main(argv=None):
                 with torch.no_grad():
                     act = learner.actor.sample(torch.as_tensor(obs, device=device)[None])[0].cpu().numpy()
                 nxt, r, term, trunc, info = env.step(act)
-                row = dict(obs=obs[None], actions=act[None], rewards=[r * r_scale + r_bias], next_obs=nxt[None],
-                           terminals=[float(term)])  # a time-limit truncation is not a terminal
+                row = common.device_row(device, obs=obs, actions=act, rewards=r * r_scale + r_bias, next_obs=nxt,
+                                        terminals=float(term))  # a time-limit truncation is not a terminal
                 online.add(**row)
                 if edis is not None:
                     edis.positive_buffer.add(**row)

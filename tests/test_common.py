@@ -323,7 +323,8 @@ def test_buffer_wraps_as_a_ring():
 def test_buffer_samples_only_filled_rows():
     """Catches sampling the zero-initialized unfilled part of the buffer, and fields of one sample
     coming from different rows."""
-    buf = common.Buffer(100, {"obs": 3, "rew": 0}, "cpu", generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    buf = common.Buffer(100, {"obs": 3, "rew": 0}, "cpu")
     buf.add(obs=np.arange(1, 4)[:, None] * np.ones(3), rew=np.arange(1, 4))
     batch = buf.sample(2000)
     assert batch["obs"].shape == (2000, 3) and batch["rew"].shape == (2000,)
