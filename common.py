@@ -37,7 +37,7 @@ def run_main(main, *args):
 
 
 # ---------------------------------------------------------------------------------------------
-# Dataset names (EDIS_SPEC §6)
+# Dataset names (docs/design.md §6)
 # ---------------------------------------------------------------------------------------------
 ANTMAZE_ENVS = {  # D4RL maze -> gymnasium-robotics env of the Minari D4RL/antmaze datasets
     "umaze": "AntMaze_UMaze-v4", "umaze-diverse": "AntMaze_UMaze-v4",
@@ -397,11 +397,12 @@ def seed_everything(seed: int):
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but torch sees no CUDA device; use --device cpu or auto")
-    return torch.device(name)
+    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else name if name != "auto" else "cpu")
+    if device.type == "cuda":  # TF32 matmuls: the learners' and energies' fp32 work on tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device
 
 
 # ---------------------------------------------------------------------------------------------
@@ -591,20 +592,36 @@ class Logger:
 
 
 class Timer:
-    """Accumulates wall-clock seconds per named phase (`with timer("env"): ...`)."""
+    """Accumulates wall-clock seconds per named phase (`with timer("env"): ...`). A long phase gives
+    its amount of work and a label (`with timer("pools", total, "cycle 2: energy pools") as bar:`,
+    then `bar.update(n)` as work completes); with `progress` on, it is shown as a second bar."""
 
-    def __init__(self):
+    def __init__(self, progress: bool = False):
         self.total: dict[str, float] = {}
+        self.progress = progress
 
-    def __call__(self, name):
+    def __call__(self, name: str, work: int | None = None, label: str | None = None):
         timer = self
 
         class _Span:
+            bar = None
+
             def __enter__(self):
+                if timer.progress and work:
+                    from tqdm import tqdm
+                    self.bar = tqdm(total=work, desc=label or name, position=1, leave=False, mininterval=2.0,
+                                    dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
                 self.t = time.perf_counter()
+                return self
+
+            def update(self, n: int = 1):
+                if self.bar is not None:
+                    self.bar.update(n)
 
             def __exit__(self, *exc):
                 timer.total[name] = timer.total.get(name, 0.0) + time.perf_counter() - self.t
+                if self.bar is not None:
+                    self.bar.close()
         return _Span()
 
 
@@ -615,13 +632,13 @@ class Run:
     """Plumbing around a script's training loops. `state` holds what a checkpoint must restore
     (objects with state_dict); counters, timings and RNG states are added here."""
 
-    def __init__(self, args, task: Task, obs_norm: Normalizer, state: dict):
+    def __init__(self, args, task: Task, obs_norm: Normalizer, state: dict, header: dict | None = None):
         from tqdm import tqdm
         self.args, self.task, self.obs_norm = args, task, obs_norm
         self.dir = Path(args.resume or args.run_dir or f"runs/{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}")
         self.ckpt = self.dir / "checkpoint.pt"
         self.counters = {"offline_step": 0, "online_step": 0, "updates": 0, "diffusion_pretrained": False}
-        self.timer = Timer()
+        self.timer = Timer(progress=True)
         self.last_eval: dict = {}
         self.state = {**state, "counters": self.counters, "timer": self.timer.total, "last_eval": self.last_eval}
         if args.resume:
@@ -631,7 +648,10 @@ class Run:
                 self.state[k].update(saved[k])
             set_rng_state(saved["rng"])
         self.logger = Logger(self.dir, config_dict(args), args.track, resume=bool(args.resume))
-        print(f"resuming {self.dir} at {self.counters}" if args.resume else json.dumps(config_dict(args), indent=1, default=str))
+        print(f"env: {args.env}   data: {task.source.location or args.dataset} ({len(task.data):,} transitions)\n"
+              + "".join(f"{k}: {v}   " for k, v in (header or {}).items()).rstrip() + "\n"
+              + (f"resuming {self.dir} at {self.counters}" if args.resume else
+                 f"run dir: {self.dir}   (config.json has every flag; tensorboard --logdir {self.dir.parent})"), flush=True)
         self.evaluator = Evaluator(task.eval_env_fn, obs_norm, args.eval_episodes, args.seed + 10_000, task.ref)
         self.bar = tqdm(total=args.offline_steps + args.online_steps, initial=self.step, dynamic_ncols=True, mininterval=1.0)
         self.stop_requested = False

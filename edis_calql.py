@@ -5,12 +5,13 @@ Offline: Cal-QL on the dataset, and an EDM diffusion model of its transitions. O
 `edis_every` env steps, fine-tune the diffusion model, learn three energies (state, policy,
 transition) by contrast, and replace the generated buffer with energy-guided samples that follow
 the current policy's distribution; the learner trains on online + generated transitions.
-Design and math: EDIS_SPEC.md. Run `python edis_calql.py --help` for every flag.
+Design and math: docs/design.md. Run `python edis_calql.py --help` for every flag.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -54,6 +55,8 @@ class EDISArgs:
     """denoiser updates on the offline data before the online phase"""
     diffusion_finetune_steps: int = 10_000
     """denoiser updates on offline + online data at each cycle (warm start)"""
+    online_share: float = 0.5
+    """share of online rows in the fine-tune batches and in the transition energy's real rows (rest offline)"""
     diffusion_restart: bool = False
     """retrain the denoiser from scratch (pretrain steps) at each cycle instead of fine-tuning"""
     sample_steps: int = 128
@@ -68,7 +71,7 @@ class EDISArgs:
     energy_lr: float = 1e-3
     """Adam learning rate of the energies"""
     pool_size: int = 20_000
-    """unguided and inpainted model samples drawn per cycle to train the energies"""
+    """rows per energy pool drawn each cycle (unguided samples; state, policy and transition inpaintings)"""
     state_guidance: float = 1.0
     """weight of the state energy in the guided score (0 turns it off)"""
     policy_guidance: float = 1.0
@@ -77,6 +80,9 @@ class EDISArgs:
     """weight of the transition energy in the guided score (0 turns it off)"""
     diag_samples: int = 2_000
     """unguided and guided samples (same seed) compared by the per-cycle diagnostics"""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """denoiser arithmetic (training and sampling; weights stay fp32): auto = bf16 autocast on CUDA and
+    on CPUs with native bf16, fp32 elsewhere"""
 
 
 SIGMA_MIN, SIGMA_MAX, SIGMA_RHO = 0.002, 80.0, 7.0
@@ -106,7 +112,7 @@ class FourierFeatures(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise), F a residual MLP (spec §2)."""
+    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise), F a residual MLP (docs/design.md §2)."""
 
     def __init__(self, dim: int, width: int, depth: int, dim_t: int = 256):
         super().__init__()
@@ -144,11 +150,12 @@ def churn_gamma(sigma: float, n: int, everywhere: bool) -> float:
 
 
 @torch.no_grad()
-def heun_sample(denoise, x, sigmas, guide=None, known=None, resample: int = 1):
+def heun_sample(denoise, x, sigmas, guide=None, known=None, resample: int = 1, tick=None):
     """The one EDM sampler (Heun, 2nd order, stochastic churn) behind unguided sampling, guided
     sampling and inpainting. x: noise * sigmas[0]; denoise(x, sigma) -> D(x; sigma); guide(x, sigma)
     -> grad_x sum_k w_k f_k (added to the score); known = (mask, values): inpainting by replacement,
-    with churn kept on down to sigma_min and each step redone `resample` times (RePaint-style)."""
+    with churn kept on down to sigma_min and each step redone `resample` times (RePaint-style).
+    tick(rows), if given, is called after every pass of a step (progress display; host ints only)."""
     n = len(sigmas) - 1
 
     def slope(x, s):  # d = (x - D)/sigma = -sigma * score; guidance adds -sigma * grad f
@@ -173,6 +180,8 @@ def heun_sample(denoise, x, sigmas, guide=None, known=None, resample: int = 1):
             x_next = impose(x_next, s_next)
             if r < resample - 1:  # back to sigma_i and redo the step
                 x = x_next + math.sqrt(s**2 - s_next**2) * torch.randn_like(x)
+            if tick is not None:
+                tick(len(x))
         x = x_next
     return x
 
@@ -191,42 +200,61 @@ def mlp(inp: int, out: int, hidden: int = 256, layers: int = 2, act=nn.ReLU) -> 
 
 
 class Energies(nn.Module):
-    """f_k(u_sigma, sigma) ~ log q_sigma(u) / p_sigma(u) = -E_k for k = state (reads s), policy (s, a)
-    and transition (s, a, r, s'): Thm 3.1 of the paper with each ratio conditioned on the noise level.
-    One module, so one forward and one backward give the whole guidance."""
+    """f_k(x_sigma, sigma) ~ -E_k, the noised log density ratio of Thm 3.1's factor k (state, policy,
+    transition). Each reads the whole noised transition: at sigma > 0 the noised s' still tells
+    about the clean s, so even the state ratio depends on every coordinate (docs/design.md §3).
+    The n energies are one ensemble with weights (n, in, out): one forward and one backward of
+    batched matmuls evaluate and differentiate all of them."""
 
-    def __init__(self, slices: list[list[int]], hidden: int = 256, layers: int = 3):
+    def __init__(self, dim: int, n: int = 3, hidden: int = 256, layers: int = 3):
         super().__init__()
         self.fourier = FourierFeatures()
-        for k, idx in zip(ENERGY_NAMES, slices):
-            self.register_buffer(f"idx_{k}", torch.tensor(idx))
-        self.nets = nn.ModuleList(mlp(len(idx) + self.fourier.dim, 1, hidden, layers, nn.SiLU) for idx in slices)
+        sizes = [dim + self.fourier.dim] + [hidden] * layers + [1]
+        bounds = [1 / math.sqrt(i) for i in sizes[:-1]]  # nn.Linear's default init, per member
+        self.weights = nn.ParameterList(nn.Parameter(torch.empty(n, i, o).uniform_(-b, b))
+                                        for i, o, b in zip(sizes[:-1], sizes[1:], bounds))
+        self.biases = nn.ParameterList(nn.Parameter(torch.empty(n, 1, o).uniform_(-b, b))
+                                       for o, b in zip(sizes[1:], bounds))
 
-    def one(self, k: int, x, sigma):  # x: full noised transitions (B, D); sigma (B, 1) -> (B,)
+    def forward(self, x, sigma):
+        """x: (n, N, D), row j of slice k is energy k's input (x.expand(n, N, D) shares one batch);
+        sigma: broadcastable to (n, N, 1). Returns (n, N)."""
         _, _, c_in, c_noise = edm_scalings(sigma)
-        u = x[:, getattr(self, f"idx_{ENERGY_NAMES[k]}")]
-        return self.nets[k](torch.cat([c_in * u, self.fourier(c_noise)], -1)).squeeze(-1)
-
-    def forward(self, x, sigma):  # -> (B, 3)
-        return torch.stack([self.one(k, x, sigma) for k in range(len(self.nets))], -1)
-
-
-def info_nce(energies: Energies, k: int, pos, neg, sigma):
-    """-log softmax of the positive among 1 + K: pos (B, D), neg (B, K, D), all noised with the
-    group's sigma (B, 1). Returns (loss, top-1 accuracy), both device tensors."""
-    u = torch.cat([pos[:, None], neg], 1)
-    B, G, D = u.shape
-    sig = sigma[:, None].expand(B, G, 1)
-    logits = energies.one(k, (u + sig * torch.randn_like(u)).reshape(-1, D), sig.reshape(-1, 1)).reshape(B, G)
-    target = torch.zeros(B, dtype=torch.long, device=u.device)
-    return F.cross_entropy(logits, target), (logits.argmax(1) == 0).float().mean()
+        emb = self.fourier(c_noise)
+        h = torch.cat([c_in * x, emb.expand(*x.shape[:-1], emb.shape[-1])], -1)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            h = torch.baddbmm(b, h, w)
+            h = F.silu(h) if i < len(self.weights) - 1 else h
+        return h.squeeze(-1)
 
 
-def union_sample(buffers: list[Buffer], n: int) -> dict:
-    """n rows drawn uniformly from the union of the buffers (shares by size; host arithmetic only)."""
-    sizes = [b.size for b in buffers]
-    counts = [n * s // sum(sizes) for s in sizes]
-    counts[int(np.argmax(sizes))] += n - sum(counts)
+def info_nce(energies: Energies, pos, neg, sigma):
+    """InfoNCE of every energy at once, -log softmax of the positive among 1 + K: pos (n, B, D),
+    neg (n, B, K, D), all members of a group noised with the group's sigma (n, B, 1). Returns
+    (loss, top-1 accuracy), each (n,) on the device."""
+    u = torch.cat([pos[:, :, None], neg], 2)
+    n, B, G, D = u.shape
+    sig = sigma[:, :, None].expand(n, B, G, 1)
+    logits = energies((u + sig * torch.randn_like(u)).reshape(n, B * G, D), sig.reshape(n, B * G, 1)).reshape(n, B, G)
+    return -logits.log_softmax(-1)[..., 0].mean(1), (logits.argmax(-1) == 0).float().mean(1)
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast for the denoiser: asked for, or (auto) where the hardware runs bf16 natively."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:  # oneDNN's own check for native CPU bf16 (AVX512-BF16 / AMX)
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def mixed_sample(buffers: list[Buffer], shares: list[float], n: int) -> dict:
+    """n rows, a share of them from each buffer (host arithmetic only; the last takes the rounding)."""
+    counts = [int(round(n * s)) for s in shares[:-1]]
+    counts.append(n - sum(counts))
     return common.cat_batches(*[b.sample(c) for b, c in zip(buffers, counts) if c > 0])
 
 
@@ -252,15 +280,17 @@ class EDIS:
         # Fixed normalizer of transitions (offline statistics), so a warm-started model keeps its space.
         x = self.raw(offline.all())
         self.x_mean, self.x_std = x.mean(0), x.std(0).clamp_min(1e-3)
-        s, a = list(range(ds)), list(range(ds, ds + da))
-        self.energies = Energies([s, s + a, list(range(dim))]).to(device)
+        self.energies = Energies(dim, len(ENERGY_NAMES)).to(device)
         self.energy_opt = torch.optim.Adam(self.energies.parameters(), lr=args.energy_lr)
         self.weights = torch.tensor([args.state_guidance, args.policy_guidance, args.transition_guidance], device=device)
         self.new_model(dim)
         self.positive_buffer = Buffer(args.positive_buffer_size, common.transition_dims(ds, da), device)
         self.generated_buffer = Buffer(args.num_generated, common.transition_dims(ds, da), device)
         self.sigmas = karras_sigmas(args.sample_steps)
-        self.train_sigmas = torch.tensor(queried_sigmas(args.sample_steps), device=device)
+        levels = queried_sigmas(args.sample_steps)
+        self.train_sigmas = torch.tensor(levels, device=device)
+        self.low_sigmas = torch.tensor([s for s in levels if s <= 0.1], device=device)  # where ratios are sharp
+        self.bf16 = use_bf16(args.precision, torch.device(device))
         self.clip = 10.0 * math.sqrt(dim)  # a safety net only: a correct energy stays far below it
         self.clip_fired = torch.zeros((), device=device)
         self.cycles = 0
@@ -287,106 +317,138 @@ class EDIS:
         return out
 
     # --- diffusion ---
-    def train_diffusion(self, buffers: list[Buffer], steps: int) -> dict:
+    def autocast(self):
+        """The denoiser's arithmetic: bf16 where enabled (fp32 weights, fp32 outside the denoiser)."""
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
+
+    def denoise(self, x, sigma):
+        with self.autocast():
+            return self.ema.module(x, sigma)
+
+    def train_diffusion(self, buffers: list[Buffer], shares: list[float], steps: int, tick=None) -> dict:
         total = torch.zeros((), device=self.device)
         for _ in range(steps):
-            loss = diffusion_loss(self.model, self.to_x(union_sample(buffers, self.args.diffusion_batch_size)))
+            with self.autocast():
+                loss = diffusion_loss(self.model, self.to_x(mixed_sample(buffers, shares, self.args.diffusion_batch_size)))
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.opt.step()
             self.ema.update_parameters(self.model)
             total += loss.detach()
+            if tick is not None:
+                tick(1)
         return {"diffusion/loss": total / max(steps, 1)}
 
     def guide(self, x, sigma: float):
-        """Sum_k w_k grad_x f_k(x, sigma): one forward and one backward for all three energies; the
-        term sigma * guidance is clipped per sample at 10 sqrt(D) (counted in clip_fired)."""
+        """Sum_k w_k grad_x f_k(x, sigma) w.r.t. the whole transition: one forward and one backward
+        for all three energies; the term sigma * guidance is clipped per sample at 10 sqrt(D)
+        (counted in clip_fired)."""
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
-            sig = torch.full((len(x), 1), sigma, device=x.device)
-            (grad,) = torch.autograd.grad((self.energies(x, sig) * self.weights).sum(), x)
+            f = self.energies(x.expand(len(self.weights), *x.shape), torch.full((1, 1, 1), sigma, device=x.device))
+            (grad,) = torch.autograd.grad((f * self.weights[:, None]).sum(), x)
         norm = sigma * grad.norm(dim=1, keepdim=True)
         self.clip_fired += (norm > self.clip).sum()
         return grad * (self.clip / norm.clamp_min(1e-12)).clamp(max=1.0)
 
-    def sample(self, n: int, guided: bool = False, known: tuple | None = None) -> torch.Tensor:
-        """n normalized transitions from the EMA model, in batches of gen_batch_size."""
+    def sample(self, n: int, guided: bool = False, known: tuple | None = None, tick=None) -> torch.Tensor:
+        """n normalized transitions from the EMA model, in batches of gen_batch_size. known =
+        (mask, values), both (n, D): inpaint the coordinates where mask is True, row by row."""
         out = []
         for i in range(0, n, self.args.gen_batch_size):
             m = min(self.args.gen_batch_size, n - i)
-            kn = None if known is None else (known[0], known[1][i:i + m])
+            kn = None if known is None else (known[0][i:i + m], known[1][i:i + m])
             x = torch.randn(m, len(self.x_mean), device=self.device) * self.sigmas[0]
-            out.append(heun_sample(self.ema.module, x, self.sigmas, guide=self.guide if guided else None,
-                                   known=kn, resample=2 if known is not None else 1))
+            out.append(heun_sample(self.denoise, x, self.sigmas, guide=self.guide if guided else None,
+                                   known=kn, resample=2 if known is not None else 1, tick=tick))
         return torch.cat(out)
 
-    def inpaint(self, batch: dict) -> torch.Tensor:
-        """Model's (r, s') given real (s, a): negatives of the transition energy."""
-        x = self.to_x(batch)
-        mask = torch.zeros(x.shape[1], dtype=torch.bool, device=self.device)
-        mask[: self.ds + self.da] = True
-        return self.sample(len(x), known=(mask, x))
+    def sampler_work(self, n: int, inpainted: bool = False) -> int:
+        """Rows x sampler passes that sampling n rows takes (the progress bar's unit)."""
+        return n * self.args.sample_steps * (2 if inpainted else 1)
+
+    def inpaint(self, jobs: list[tuple[torch.Tensor, int]], tick=None) -> list[torch.Tensor]:
+        """Each job (x, k): complete the rows of x given their first k coordinates ([s] for k = ds,
+        [s, a] for k = ds + da). All jobs run as one batched sampler call."""
+        x = torch.cat([v for v, _ in jobs])
+        known = torch.cat([torch.full((len(v),), k, device=self.device) for v, k in jobs])
+        mask = torch.arange(x.shape[1], device=self.device) < known[:, None]
+        return list(self.sample(len(x), known=(mask, x), tick=tick).split([len(v) for v, _ in jobs]))
 
     # --- energies ---
-    def make_pools(self, policy, real: list[Buffer]) -> dict:
-        """Model samples and real data that the three InfoNCE problems contrast (spec §3 table);
-        each pool is split 90/10 into training and held-out rows."""
+    def pool_work(self) -> int:
+        return self.sampler_work(self.args.pool_size) + self.sampler_work(3 * self.args.pool_size, inpainted=True)
+
+    def make_pools(self, policy, real: list[Buffer], shares: list[float], tick=None) -> dict:
+        """The rows the three InfoNCE problems contrast (docs/design.md §3). Each energy's positives
+        differ from its negatives in its own factor only; the coordinates it is not about are
+        inpainted by the model. Each pool is split 90/10 into training and held-out rows."""
         n, ds, da = self.args.pool_size, self.ds, self.da
-        unguided = self.sample(n)
-        with_pi = unguided.clone()  # (s, a+) with a+ ~ pi(.|s): s from the same model samples
+        unguided = self.sample(n, tick=tick)
+        with_pi = unguided.clone()  # s from model samples, a+ ~ pi(.|s); (r, s') inpainted below
         s = unguided[:, :ds] * self.x_std[:ds] + self.x_mean[:ds]
         with_pi[:, ds:ds + da] = (policy.sample(s) - self.x_mean[ds:ds + da]) / self.x_std[ds:ds + da]
-        positive = self.to_x(self.positive_buffer.all())
-        pools = {"positive": positive[torch.randperm(len(positive), device=self.device)],
-                 "unguided": unguided, "with_pi": with_pi,
-                 "real": self.to_x(union_sample(real, n)), "inpainted": self.inpaint(union_sample(real, n))}
+        real_x = self.to_x(mixed_sample(real, shares, n))  # all real data obeys the true dynamics T
+        jobs = {"state_positive": (self.to_x(self.positive_buffer.sample(n)), ds),  # s+ ~ d^pi; (a, r, s') inpainted
+                "policy_positive": (with_pi, ds + da),
+                "transition_negative": (real_x, ds + da)}  # the model's (r, s') given real (s, a)
+        pools = dict(zip(jobs, self.inpaint(list(jobs.values()), tick)), unguided=unguided, real=real_x)
         return {k: (v[: int(0.9 * len(v))], v[int(0.9 * len(v)):]) for k, v in pools.items()}
 
-    PAIRS = (("positive", "unguided"), ("with_pi", "unguided"), ("real", "inpainted"))  # per energy
+    # (positive pool, negative pool) per energy, in ENERGY_NAMES order. Unguided samples as the state
+    # and policy negatives: inpainting them from their own s or (s, a) as well (cancelling the
+    # inpainting's bias) cost 5/3 of the pool sampling and did no better on ground truth (design §3.5).
+    PAIRS = (("state_positive", "unguided"), ("policy_positive", "unguided"), ("real", "transition_negative"))
 
-    def energy_losses(self, pools: dict, split: int, batch: int):
-        """InfoNCE of each energy on one batch: one sigma per group, uniform over queried levels;
-        negatives are other rows of the negative pool (matching the conditioning in distribution)."""
-        sigma = self.train_sigmas[torch.randint(len(self.train_sigmas), (batch, 1), device=self.device)]
-        out = []
-        for k, (p, q) in enumerate(self.PAIRS):
-            pos, neg = pools[p][split], pools[q][split]
-            i = torch.randint(len(pos), (batch,), device=self.device)
-            j = torch.randint(len(neg), (batch, self.args.energy_negatives), device=self.device)
-            out.append(info_nce(self.energies, k, pos[i], neg[j], sigma))
-        return out
+    def energy_losses(self, pools: dict, split: int, batch: int, levels=None):
+        """InfoNCE of the three energies on one batch each: one sigma per group, uniform over the
+        queried levels (or `levels`); negatives are other rows of the negative pool (matching the
+        conditioning in distribution). Returns (losses, top-1), each (3,)."""
+        levels = self.train_sigmas if levels is None else levels
+        K, pos, neg = self.args.energy_negatives, [], []
+        for p, q in self.PAIRS:
+            pp, qq = pools[p][split], pools[q][split]
+            pos.append(pp[torch.randint(len(pp), (batch,), device=self.device)])
+            neg.append(qq[torch.randint(len(qq), (batch, K), device=self.device)])
+        sigma = levels[torch.randint(len(levels), (len(pos), batch, 1), device=self.device)]
+        return info_nce(self.energies, torch.stack(pos), torch.stack(neg), sigma)
 
-    def train_energies(self, pools: dict) -> dict:
-        total = torch.zeros(3, device=self.device)
+    def train_energies(self, pools: dict, tick=None) -> dict:
+        total = torch.zeros(len(ENERGY_NAMES), device=self.device)
         for _ in range(self.args.energy_steps):
-            losses = self.energy_losses(pools, 0, self.args.energy_batch_size)
-            loss = sum(l for l, _ in losses)
+            losses, _ = self.energy_losses(pools, 0, self.args.energy_batch_size)
             self.energy_opt.zero_grad(set_to_none=True)
-            loss.backward()  # one backward for all three energies
+            losses.sum().backward()  # one backward for all three energies
             self.energy_opt.step()
-            total += torch.stack([l.detach() for l, _ in losses])
-        with torch.no_grad():
-            held = self.energy_losses(pools, 1, 2048)
+            total += losses.detach()
+            if tick is not None:
+                tick(1)
         m = {f"energy/{k}_train_loss": total[i] / max(self.args.energy_steps, 1) for i, k in enumerate(ENERGY_NAMES)}
-        for k, (l, acc) in zip(ENERGY_NAMES, held):
-            m[f"energy/{k}_heldout_loss"], m[f"energy/{k}_heldout_top1"] = l, acc
+        with torch.no_grad():  # held-out rows, over all levels and at the low-noise end alone
+            for suffix, levels in (("", None), ("_low_sigma", self.low_sigmas)):
+                loss, top1 = self.energy_losses(pools, 1, 2048, levels)
+                for i, k in enumerate(ENERGY_NAMES):
+                    m[f"energy/{k}_heldout_loss{suffix}"], m[f"energy/{k}_heldout_top1{suffix}"] = loss[i], top1[i]
         m["energy/chance_top1"] = 1.0 / (1 + self.args.energy_negatives)
         return m
 
-    # --- the cycle (spec §5.4) ---
+    # --- the cycle (docs/design.md §5) ---
     def cycle(self, policy, offline: Buffer, online: Buffer, timer, diagnose) -> dict:
-        a, real = self.args, [offline, online]
-        with timer("diffusion"):
+        a = self.args
+        real, shares = [offline, online], [1.0 - a.online_share, a.online_share]
+        steps = a.diffusion_pretrain_steps if a.diffusion_restart else a.diffusion_finetune_steps
+        with timer("diffusion", steps, f"cycle {self.cycles + 1}: diffusion fine-tune") as bar:
             if a.diffusion_restart:
                 self.new_model(len(self.x_mean))
-            m = self.train_diffusion(real, a.diffusion_pretrain_steps if a.diffusion_restart else a.diffusion_finetune_steps)
-        with timer("energy"):
-            pools = self.make_pools(policy, real)
-            m.update(self.train_energies(pools))
-        with timer("generation"):
+            m = self.train_diffusion(real, shares, steps, bar.update)
+        with timer("pools", self.pool_work(), f"cycle {self.cycles + 1}: energy pools") as bar:
+            pools = self.make_pools(policy, real, shares, bar.update)
+        with timer("energy", a.energy_steps, f"cycle {self.cycles + 1}: energy training") as bar:
+            m.update(self.train_energies(pools, bar.update))
+        with timer("generation", self.sampler_work(a.num_generated), f"cycle {self.cycles + 1}: guided generation") as bar:
             fired_before = self.clip_fired.clone()
-            x = self.sample(a.num_generated, guided=True)
+            x = self.sample(a.num_generated, guided=True, tick=bar.update)
             finite = torch.isfinite(x).all(1)
             self.generated_buffer.replace(**self.from_x(x[finite]))
             m["gen/nonfinite_dropped"] = 1.0 - finite.float().mean()
@@ -604,7 +666,7 @@ class CalQL:
 
 
 # ----------------------------------------------------------------------------------------------
-# Configuration: every flag, and the paper's presets per dataset (spec §8)
+# Configuration: every flag, and the paper's presets per dataset (docs/design.md §8)
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Args(EDISArgs, common.RunArgs):
@@ -685,7 +747,7 @@ def validate(args: Args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Main loop (spec §5): offline phase, then online phase with EDIS cycles
+# Main loop (docs/design.md §5): offline phase, then online phase with EDIS cycles
 # ----------------------------------------------------------------------------------------------
 def main(argv=None):
     args = common.parse_args(Args, preset_defaults, __doc__, argv)
@@ -705,7 +767,9 @@ def main(argv=None):
     edis = EDIS(args, offline, ds, da, bool(data.terminals.any()), device) if args.edis else None
     learner = CalQL(ds, da, args, device)
     env = common.make_env(task.env_fn, obs_norm, args.seed)
-    run = common.Run(args, task, obs_norm, {"learner": learner, "online": online, **({"edis": edis} if edis else {})})
+    precision = f"denoiser {'bf16 autocast' if edis.bf16 else 'fp32'}, learner fp32" if edis else "fp32 (no EDIS)"
+    run = common.Run(args, task, obs_norm, {"learner": learner, "online": online, **({"edis": edis} if edis else {})},
+                     header={"device": device, "precision": precision})
     counters, timer = run.counters, run.timer
 
     def policy(obs):  # deterministic, for evaluation
@@ -725,8 +789,8 @@ def main(argv=None):
                 run.evaluate_and_save(policy, "offline")
             run.check_stop()
         if edis is not None and not counters["diffusion_pretrained"]:
-            with timer("diffusion"):
-                run.logger.log(run.step, edis.train_diffusion([offline], args.diffusion_pretrain_steps))
+            with timer("diffusion", args.diffusion_pretrain_steps, "diffusion pretraining") as bar:
+                run.logger.log(run.step, edis.train_diffusion([offline], [1.0], args.diffusion_pretrain_steps, bar.update))
             counters["diffusion_pretrained"] = True
             run.save()
 

@@ -2,7 +2,7 @@
 
 Expected numbers come from direct loops over hand-built data (Monte-Carlo returns, the
 importance-sampled CQL logsumexp), closed forms (tanh-Gaussian log density, Adam's first step,
-the mean of the max of n tanh-normal draws by quadrature) and the spec's preset table (§8)."""
+the mean of the max of n tanh-normal draws by quadrature) and the preset table of docs/design.md §8."""
 import math
 import signal
 import sys
@@ -420,7 +420,7 @@ def test_bellman_target_min_twin_max_over_sampled_next_actions(max_backup, monke
 
 
 # ---------------------------------------------------------------------------------------------
-# Presets (spec §8 table, typed in from the spec)
+# Presets (docs/design.md §8 table, typed in from it)
 # ---------------------------------------------------------------------------------------------
 # dataset -> (Cal-QL generated_ratio, cql_alpha offline, cql_alpha online, Q hidden layers)
 SPEC_TABLE = {
@@ -450,7 +450,7 @@ def test_preset_matches_spec_table(env):
 
 
 def test_preset_family_settings():
-    """Spec §8: antmaze uses Lagrange with target gap 0.8, max-target backup, the CQL difference
+    """docs/design.md §8: antmaze uses Lagrange with target gap 0.8, max-target backup, the CQL difference
     clipped at -200, raw states, 100 evaluation episodes; relocate has no Lagrange; adroit raw states; locomotion normalized
     states. Checked on the parsed configuration (what main runs with), plus a flag overriding a preset."""
     ant = parsed("--env", "antmaze-large-diverse-v2")

@@ -30,7 +30,7 @@ import common  # noqa: E402
 SCRIPTS = ["edis_iql.py", "edis_calql.py"]
 script_param = pytest.mark.parametrize("script", SCRIPTS, ids=[s[:-3] for s in SCRIPTS])
 
-# Spec §8: generated_ratio per dataset (IQL / Cal-QL); the default without a preset is 0.5.
+# docs/design.md §8: generated_ratio per dataset (IQL / Cal-QL); the default without a preset is 0.5.
 PRESET_RATIO = {"edis_iql.py": {"hopper-medium-v2": 0.2, "hopper-random-v2": 0.8},
                 "edis_calql.py": {"hopper-medium-v2": 0.2, "hopper-random-v2": 0.2}}
 DEFAULT_RATIO = 0.5
@@ -274,7 +274,7 @@ def help_default(text: str, name: str) -> str:
 @script_param
 def test_help_lists_every_flag_and_preset_defaults(script, dirs, capsys, monkeypatch):
     """--help exits 0 and lists every documented flag; `--env D --help` shows D's preset generated
-    ratio (spec §8), not the plain default (in-process, to spare a process start per dataset)."""
+    ratio (docs/design.md §8), not the plain default (in-process, to spare a process start per dataset)."""
     p = run(script, ["--help"], dirs, timeout=120)
     assert p.returncode == 0, describe(p)
     missing = [f for f in FLAGS if not re.search(re.escape(f) + r"(?![\w-])", p.stdout)]
@@ -369,7 +369,7 @@ def test_smoke_contract(script, runner):
     assert [r["charts/phase_online"] for r in ev] == [0.0] + [1.0] * (len(ev) - 1)
     for r in ev:
         assert math.isfinite(r["eval/return"]) and math.isfinite(r["eval/normalized_score"])
-        # Hopper's D4RL reference scores (spec §6)
+        # Hopper's D4RL reference scores (docs/design.md §6)
         assert r["eval/normalized_score"] == pytest.approx(100 * (r["eval/return"] + 20.272305) / (3234.3 + 20.272305))
 
     # EDIS cycles: at online steps edis_start, edis_start + edis_every, ...

@@ -1,4 +1,4 @@
-"""Tests of the EDIS mechanism (the "EDIS begin" ... "EDIS end" section, spec §2, §3, §7).
+"""Tests of the EDIS mechanism (the "EDIS begin" ... "EDIS end" section, docs/design.md §2, §3, §7).
 
 Every expectation is computed analytically from the problem the test builds (Gaussians and Gaussian
 mixtures, whose exact denoisers and noised density ratios have closed forms), never copied from a
@@ -77,7 +77,7 @@ def gaussian_denoiser(cov):
 
 
 def spec_sigmas(n):
-    """Spec §2: sigma_i = (80^(1/7) + i/(n-1) (0.002^(1/7) - 80^(1/7)))^7, then sigma_n = 0."""
+    """docs/design.md §2: sigma_i = (80^(1/7) + i/(n-1) (0.002^(1/7) - 80^(1/7)))^7, then sigma_n = 0."""
     return [(80 ** (1 / 7) + i / (n - 1) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for i in range(n)] + [0.0]
 
 
@@ -104,22 +104,23 @@ def guide_of(edis_mod, energies, weights, dim):
     return (lambda x, s: edis_mod.EDIS.guide(holder, x, s)), holder
 
 
-def train_energy(edis_mod, energies, k, pos_pool, neg_pool, steps, sample_steps, batch=256, negatives=10, lr=1e-3):
-    """InfoNCE the way EDIS.energy_losses does it: one sigma per group, uniform over the sampler's
-    queried levels; positive and K negatives drawn from their pools. The last quarter of the steps
-    runs at lr / 10, so that the test reads a converged ratio rather than Adam's last fluctuation."""
+def train_energy(edis_mod, energies, pos_pool, neg_pool, steps, sample_steps, batch=256, negatives=10, lr=1e-3):
+    """InfoNCE of a one-member Energies the way EDIS.energy_losses does it: one sigma per group,
+    uniform over the sampler's queried levels; positive and K negatives drawn from their pools. The
+    last quarter of the steps runs at lr / 10, so that the test reads a converged ratio rather than
+    Adam's last fluctuation."""
     opt = torch.optim.Adam(energies.parameters(), lr=lr)
     levels = torch.tensor(edis_mod.queried_sigmas(sample_steps))
     for step in range(steps):
         if step == (3 * steps) // 4:
             for g in opt.param_groups:
                 g["lr"] = lr / 10
-        sigma = levels[torch.randint(len(levels), (batch, 1))]
+        sigma = levels[torch.randint(len(levels), (1, batch, 1))]
         i = torch.randint(len(pos_pool), (batch,))
         j = torch.randint(len(neg_pool), (batch, negatives))
-        loss, _ = edis_mod.info_nce(energies, k, pos_pool[i], neg_pool[j], sigma)
+        loss, _ = edis_mod.info_nce(energies, pos_pool[i][None], neg_pool[j][None], sigma)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.sum().backward()
         opt.step()
     return energies
 
@@ -147,7 +148,7 @@ def test_guidance_exact_for_gaussian_tilt(edis_mod):
     """p = N(0, I), q = N(m, v I). With the exact noised log-ratio f = log q_sigma - log p_sigma as the
     guide, d - sigma grad f is exactly q's probability-flow slope, so the guided sampler run on p's
     denoiser must follow the same paths as the plain sampler run on q's exact denoiser (same noise),
-    and reproduce q's moments (spec §3)."""
+    and reproduce q's moments (docs/design.md §3)."""
     m, v = torch.tensor([1.0, 0.0]), 0.5
 
     def grad_log_ratio(x, s):  # grad_x [log N(x; m, (v+s^2) I) - log N(x; 0, (1+s^2) I)]
@@ -194,7 +195,7 @@ def test_inpainting_recovers_gaussian_conditional(edis_mod):
 
 
 def test_inpainting_noises_known_coordinates_at_each_level(edis_mod):
-    """Spec §2: churn stays on down to sigma_min when inpainting, and at every denoiser call that
+    """docs/design.md §2: churn stays on down to sigma_min when inpainting, and at every denoiser call that
     starts a step (sigma_hat_i) the known coordinates equal their value plus noise of exactly that
     level (replacement with fresh noise at sigma_{i+1}, then the churn up to sigma_hat)."""
     n_steps, n, c = 12, 4000, 0.7
@@ -219,7 +220,7 @@ def test_inpainting_noises_known_coordinates_at_each_level(edis_mod):
 def test_inpainting_bimodal_conditional(edis_mod):
     """p = 0.1 N((1, 2), 0.3^2 I) + 0.1 N((1, -2), 0.3^2 I) + 0.8 N((-1, 0), 0.3^2 I); given x1 = 1,
     x2 is +-2 with equal weights, while the unconditional model pulls x2 towards the heavy mode's 0.
-    Inpainted x2 must land in the two modes, not between them (spec §2), and resampling each step
+    Inpainted x2 must land in the two modes, not between them (docs/design.md §2), and resampling each step
     twice must cut the share landing between them."""
     gmm = GMM([[1.0, 2.0], [1.0, -2.0], [-1.0, 0.0]], [0.3] * 3, [0.1, 0.1, 0.8])
     n = 4000
@@ -277,8 +278,8 @@ def test_energy_learns_log_density_ratio(edis_mod):
     m, v = torch.tensor([1.0, 0.0]), 0.5
     pos = m + math.sqrt(v) * torch.randn(20_000, 2)
     neg = torch.randn(20_000, 2)
-    energies = edis_mod.Energies([[0, 1]], hidden=128)
-    train_energy(edis_mod, energies, 0, pos, neg, steps=1000, sample_steps=16, batch=128)
+    energies = edis_mod.Energies(2, 1, hidden=128)
+    train_energy(edis_mod, energies, pos, neg, steps=1000, sample_steps=16, batch=128)
     levels = edis_mod.queried_sigmas(16)
     for target in (0.03, 1.0, 3.0):  # near-clean, and noised: the noised ratio differs from the clean one
         s = min(levels, key=lambda l: abs(math.log(l / target)))
@@ -287,7 +288,7 @@ def test_energy_learns_log_density_ratio(edis_mod):
         true = (-((x - m) ** 2).sum(1) / (2 * (v + s**2)) - math.log(v + s**2)
                 + (x**2).sum(1) / (2 * (1 + s**2)) + math.log(1 + s**2))
         with torch.no_grad():
-            f = energies.one(0, x, torch.full((len(x), 1), s))
+            f = energies(x[None], torch.full((1, len(x), 1), s))[0]
         f, true = f - f.mean(), true - true.mean()
         slope = (f * true).sum() / (true**2).sum()
         r2 = 1 - ((f - true) ** 2).sum() / (true**2).sum()
@@ -295,15 +296,15 @@ def test_energy_learns_log_density_ratio(edis_mod):
 
 
 def test_guidance_moves_samples_to_target_modes(edis_mod):
-    """Spec §3's check: p = 8 modes on a circle (exact denoiser), positives from 2 of them, the energy
+    """docs/design.md §3's check: p = 8 modes on a circle (exact denoiser), positives from 2 of them, the energy
     trained by info_nce on the sampler's levels, guidance through EDIS.guide with weight 1: the guided
     samples fall in the 2 target modes with the true spread; unguided ones in all 8."""
     torch.manual_seed(6)
     gmm = circle_mixture(8, radius=2.0, std=0.3)
     p_samples, k = gmm.sample(20_000)
     pos = p_samples[k < 2]
-    energies = edis_mod.Energies([[0, 1]], hidden=128)
-    train_energy(edis_mod, energies, 0, pos, p_samples, steps=1000, sample_steps=32, batch=128)
+    energies = edis_mod.Energies(2, 1, hidden=128)
+    train_energy(edis_mod, energies, pos, p_samples, steps=1000, sample_steps=32, batch=128)
     guide, holder = guide_of(edis_mod, energies, [1.0], 2)
     x = sample_with(edis_mod, gmm.denoise, 2000, 2, steps=32, guide=guide)
     y = sample_with(edis_mod, gmm.denoise, 2000, 2, steps=32)
@@ -362,35 +363,35 @@ class LinearGaussianPolicy:
         return torch.distributions.Normal(PI_GAIN * s[:, :1], PI_STD).log_prob(a.reshape(len(s), 1)).sum(-1)
 
 
-def toy_args(edis_mod, weights):
-    return edis_mod.EDISArgs(
+def toy_args(edis_mod, weights, **kw):
+    return edis_mod.EDISArgs(**{**dict(
         diffusion_width=128, diffusion_depth=2, diffusion_finetune_steps=0, sample_steps=TOY_STEPS,
         pool_size=4000, energy_steps=1000, energy_batch_size=64, num_generated=2000, gen_batch_size=4000,
         positive_buffer_size=2000, diag_samples=2000,
-        state_guidance=weights[0], policy_guidance=weights[1], transition_guidance=weights[2])
+        state_guidance=weights[0], policy_guidance=weights[1], transition_guidance=weights[2]), **kw})
 
 
-def make_toy_edis(edis_mod, weights, offline):
+def make_toy_edis(edis_mod, weights, offline, **kw):
     """EDIS as the scripts build it, with narrower energy networks (speed); the class picks its slices."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(edis_mod, "Energies", functools.partial(edis_mod.Energies, hidden=TOY_ENERGY_WIDTH))
-        return edis_mod.EDIS(toy_args(edis_mod, weights), offline, DS, DA, False, CPU)
+        return edis_mod.EDIS(toy_args(edis_mod, weights, **kw), offline, DS, DA, False, CPU)
 
 
 def pretrain_toy(edis_mod, rows, seed):
     torch.manual_seed(seed)
     offline = toy_buffer(rows)
     edis = make_toy_edis(edis_mod, (0.0, 0.0, 0.0), offline)
-    metrics = edis.train_diffusion([offline], 1000)
+    metrics = edis.train_diffusion([offline], [1.0], 1000)
     assert torch.isfinite(metrics["diffusion/loss"])
     return offline, {k: copy.deepcopy(getattr(edis, k).state_dict()) for k in ("model", "ema", "opt")}
 
 
-def run_toy_cycle(edis_mod, toy_model, weights, positive_rows, real_rows, seed):
+def run_toy_cycle(edis_mod, toy_model, weights, positive_rows, real_rows, seed, **kw):
     """One EDIS.cycle with the given guidance weights, from the pretrained toy model (no fine-tuning).
     Returns the cycle's metrics, the generated buffer and as many unguided samples (learner space)."""
     offline_model_data, state = toy_model
-    edis = make_toy_edis(edis_mod, weights, offline_model_data)
+    edis = make_toy_edis(edis_mod, weights, offline_model_data, **kw)
     for k, v in state.items():
         getattr(edis, k).load_state_dict(v)
     torch.manual_seed(seed)
@@ -474,6 +475,67 @@ def test_transition_energy_pulls_next_state_toward_dynamics(edis_mod):
     assert m["energy/transition_heldout_top1"] > m["energy/chance_top1"]
 
 
+TIED_GAIN, TIED_NOISE, TARGET_MODES = 0.3, 0.05, 2
+
+
+def tied_next(s, a):
+    return s + TIED_GAIN * torch.cat([a, torch.zeros_like(a)], 1)
+
+
+def tied_rows(n, target_only=False, on_policy=False):
+    """A toy where s' is tied to s, as in every MuJoCo task: s from the 8-mode circle mixture
+    (target_only: its first TARGET_MODES modes), a ~ N(0, 1) (the data) or pi(a|s) (on_policy),
+    s' = s + 0.3 a e_1 + N(0, 0.05^2), r = s_1 - a + N(0, 0.05^2)."""
+    gmm = circle_mixture(8, radius=2.0, std=0.3)
+    s, k = gmm.sample(8 * n if target_only else n)
+    s = s[k < TARGET_MODES][:n] if target_only else s
+    a = LinearGaussianPolicy().sample(s) if on_policy else torch.randn(n, 1)
+    s2 = tied_next(s, a) + TIED_NOISE * torch.randn(n, DS)
+    r = (s[:, :1] - a)[:, 0] + TIED_NOISE * torch.randn(n)
+    return {"obs": s, "actions": a, "rewards": r, "next_obs": s2, "terminals": torch.zeros(n)}
+
+
+def run_tied_cycle(edis_mod, weights=(1.0, 1.0, 1.0), seed=40, **kw):
+    """One EDIS cycle on the tied toy from a diffusion model trained on its data. The positive
+    buffer holds on-policy transitions from 2 of the 8 modes, so the target q = d^pi pi T has a
+    closed form: s in the 2 target modes, a ~ N(0.5 s_1, 0.3^2), s' on the true dynamics."""
+    torch.manual_seed(seed)
+    offline = toy_buffer(tied_rows(8000))
+    model = make_toy_edis(edis_mod, (0.0, 0.0, 0.0), offline, **kw)
+    model.train_diffusion([offline], [1.0], 1500)
+    state = {k: copy.deepcopy(getattr(model, k).state_dict()) for k in ("model", "ema", "opt")}
+    return run_toy_cycle(edis_mod, (offline, state), weights, tied_rows(2000, True, True), tied_rows, seed + 1, **kw)
+
+
+@pytest.fixture(scope="module")
+def tied_cycle():
+    """All three learned energies (w = 1). The EDIS section is the same text in both scripts
+    (test_scripts_share_edis), so this costly check runs on one of them."""
+    return run_tied_cycle(importlib.import_module("edis_iql"))
+
+
+def test_full_transition_guidance_reaches_target_when_next_state_is_tied_to_state(tied_cycle):
+    """Energies that read only their own slice moved about half of the samples and bent the
+    dynamics on such data (docs/design.md §3): here the guided samples must land in the target
+    modes, with actions on pi and next states on the true dynamics (error no higher than unguided)."""
+    m, gen, unguided = tied_cycle
+    gmm = circle_mixture(8, radius=2.0, std=0.3)
+    share = {k: (gmm.nearest(b["obs"]) < TARGET_MODES).float().mean().item() for k, b in (("guided", gen), ("unguided", unguided))}
+    assert abs(share["unguided"] - 0.25) < 0.05, share  # the model learned the data's 8 modes
+    assert share["guided"] > 0.9, share
+
+    resid = gen["actions"][:, 0] - PI_GAIN * gen["obs"][:, 0]  # a - mean of pi(.|s): N(0, 0.3^2) on target
+    assert abs(resid.mean()) < 0.1 and abs(resid.std() - PI_STD) < 0.1, (resid.mean(), resid.std())
+
+    def dyn_mse(b):
+        return ((b["next_obs"] - tied_next(b["obs"], b["actions"])) ** 2).sum(1).mean().item()
+    assert dyn_mse(gen) < 1.25 * dyn_mse(unguided), (dyn_mse(gen), dyn_mse(unguided))
+    spread = gen["obs"][gmm.nearest(gen["obs"]) == 0] - gmm.mu[0].float()
+    assert ((spread.std(0) - 0.3).abs() < 0.1).all(), spread.std(0)  # the modes keep their shape
+    for k in ("state", "policy"):  # the model's dynamics are right here, so E_T has nothing to tell apart
+        assert m[f"energy/{k}_heldout_top1_low_sigma"] > 2 * m["energy/chance_top1"], (k, m)
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Structure: schedule, queried levels, no host synchronisation, pools, guide clip, layout
 # ---------------------------------------------------------------------------------------------
@@ -489,7 +551,7 @@ def test_schedule_is_python_floats_matching_spec(edis_mod, n):
 @pytest.mark.parametrize("n", [8, 32])
 def test_queried_sigmas_are_exactly_what_the_sampler_asks(edis_mod, n):
     """The energies are trained on queried_sigmas(n): it must hold every sigma_i and sigma_hat_i of the
-    spec's schedule, and nothing else than the levels the guided sampler really evaluates."""
+    schedule of docs/design.md §2, and nothing else than the levels the guided sampler really evaluates."""
     levels = edis_mod.queried_sigmas(n)
     expected = {s for s in spec_sigmas(n)[:-1]} | {spec_sigma_hat(s, n) for s in spec_sigmas(n)[:-1]}
     assert sorted(levels) == pytest.approx(sorted(expected), rel=1e-9)
@@ -533,10 +595,11 @@ def test_sampler_has_no_host_sync(edis_mod):
     with pytest.MonkeyPatch.context() as mp:
         for name in conversions:
             mp.setattr(torch.Tensor, name, forbidden)
-        outs = [edis.sample(100), edis.sample(100, guided=True), edis.inpaint(batch)]
+        x = edis.to_x(batch)
+        outs = [edis.sample(100), edis.sample(100, guided=True), *edis.inpaint([(x, 2), (x, 3)])]
         with pytest.raises(AssertionError, match="host synchronisation"):  # the guard itself works
             bool(torch.ones(()) > 0)
-    assert [tuple(o.shape) for o in outs] == [(100, 6), (100, 6), (40, 6)]
+    assert [tuple(o.shape) for o in outs] == [(100, 6), (100, 6), (40, 6), (40, 6)]
     assert all(torch.isfinite(o).all() for o in outs)
 
 
@@ -545,8 +608,8 @@ def test_guide_is_weighted_gradient_clipped_per_sample(edis_mod):
     clip level with its direction kept, and the clipped rows are counted."""
     W = torch.tensor([[1.0, 0.0, 2.0], [0.0, -3.0, 0.0], [0.5, 0.0, 0.0]])
 
-    def energies(x, sig):  # f_k(x) = x . W[:, k], plus |x|^2 for k = 2
-        return x @ W + (x**2).sum(1, keepdim=True) * torch.tensor([0.0, 0.0, 1.0])
+    def energies(x, sig):  # x (3, N, D), one slice per energy: f_k(x) = x . W[:, k], plus |x|^2 for k = 2
+        return (x * W.T[:, None, :]).sum(-1) + (x**2).sum(-1) * torch.tensor([0.0, 0.0, 1.0])[:, None]
     weights = torch.tensor([0.5, 2.0, 1.0])
     guide, holder = guide_of(edis_mod, energies, weights.tolist(), 3)
     holder.clip = 10.0
@@ -586,51 +649,85 @@ def test_transition_vector_layout_roundtrip(edis_mod):
 
 
 def test_pools_match_the_conditioning(edis_mod):
-    """Spec §3 table: policy positives are the unguided samples with only a replaced by a ~ pi(.|s);
-    transition negatives keep real (s, a) rows and have the model's (r, s')."""
+    """docs/design.md §3 table: each energy's positives differ from its negatives in its own factor.
+    State positives keep the positive buffer's s exactly; policy positives keep the unguided samples'
+    s with a ~ pi(.|s); transition negatives keep real (s, a) rows; every inpainted coordinate is
+    the model's (not a copy of its row's known values); real rows mix offline and online by share."""
     torch.manual_seed(22)
     edis, offline = tiny_edis(edis_mod, ds=2, da=1)
-    edis.positive_buffer.add(**offline.sample(100))
-    pools = edis.make_pools(LinearGaussianPolicy(), [offline])
+    online = common.Buffer(100, common.transition_dims(2, 1), CPU)
+    online.add(**{k: v + 100.0 if k == "obs" else v for k, v in offline.sample(100).items()})  # online rows: s_1 ~ 100
+    positive = offline.sample(100)
+    edis.positive_buffer.add(**positive)
+    pools = edis.make_pools(LinearGaussianPolicy(), [offline, online], [0.75, 0.25])
     cat = {k: torch.cat(v) for k, v in pools.items()}
     ds, da = 2, 1
-    assert cat["unguided"].shape == cat["with_pi"].shape == (200, 6)
-    keep = [0, 1, 3, 4, 5]
-    assert torch.equal(cat["with_pi"][:, keep], cat["unguided"][:, keep])
-    s = cat["unguided"][:, :ds] * edis.x_std[:ds] + edis.x_mean[:ds]
-    a = cat["with_pi"][:, ds] * edis.x_std[ds] + edis.x_mean[ds]
+    assert set(cat) == {"state_positive", "policy_positive", "transition_negative", "unguided", "real"}
+    assert all(len(v) == 200 for v in cat.values())
+    assert [p for p, _ in edis.PAIRS] == ["state_positive", "policy_positive", "real"]
+    assert [q for _, q in edis.PAIRS] == ["unguided", "unguided", "transition_negative"]
+
+    def nearest(x, ref):
+        return torch.cdist(x, ref, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+    pos_s = edis.to_x(positive)[:, :ds]
+    assert (nearest(cat["state_positive"][:, :ds], pos_s) < 1e-5).all(), "state positives keep s+ exactly"
+    assert nearest(cat["state_positive"][:, ds:], edis.to_x(positive)[:, ds:]).max() > 1e-3, "(a, r, s') inpainted"
+    assert (nearest(cat["policy_positive"][:, :ds], cat["unguided"][:, :ds]) < 1e-5).all(), "s from model samples"
+    s = cat["policy_positive"][:, :ds] * edis.x_std[:ds] + edis.x_mean[:ds]
+    a = cat["policy_positive"][:, ds] * edis.x_std[ds] + edis.x_mean[ds]
     resid = (a - PI_GAIN * s[:, 0]) / PI_STD  # a+ ~ pi(.|s) of the same row: standard normal residual
     assert abs(resid.mean()) < 0.3 and abs(resid.std() - 1) < 0.2
-    real_sa = edis.to_x(offline.all())[:, : ds + da]
-    d = torch.cdist(cat["inpainted"][:, : ds + da], real_sa, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
-    assert (d < 1e-5).all(), "inpainted rows must keep real (s, a) exactly"
-    assert torch.cdist(cat["inpainted"][:, ds + da:], edis.to_x(offline.all())[:, ds + da:]).min(1).values.max() > 1e-3
+    assert (cat["policy_positive"][:, ds + da:] - cat["unguided"][:, ds + da:]).abs().max() > 1e-3, "(r, s') inpainted"
+    real_all = torch.cat([edis.to_x(offline.all()), edis.to_x(online.all())])
+    assert (nearest(cat["real"], real_all) < 1e-4).all()
+    assert (nearest(cat["transition_negative"][:, : ds + da], real_all[:, : ds + da]) < 1e-4).all(), "real (s, a) kept"
+    assert nearest(cat["transition_negative"][:, ds + da:], real_all[:, ds + da:]).max() > 1e-3
+    from_online = (cat["real"][:, 0] * edis.x_std[0] + edis.x_mean[0] > 50).float().mean()
+    assert from_online == 0.25, from_online
 
 
 def test_info_nce_is_softmax_cross_entropy_with_one_sigma_per_group(edis_mod):
-    """info_nce noises the positive and its K negatives with the group's sigma, evaluates the energy
-    at that sigma, and returns -log softmax of the positive (and top-1 accuracy)."""
+    """info_nce noises the positive and its K negatives with the group's sigma, evaluates every
+    energy on its own rows at that sigma, and returns -log softmax of the positive (and top-1
+    accuracy) per energy."""
     torch.manual_seed(23)
-    B, K, D = 64, 5, 3
-    pos, neg = torch.randn(B, D), torch.randn(B, K, D)
-    sigma = torch.exp(torch.randn(B, 1))
+    n, B, K, D = 3, 64, 5, 3
+    pos, neg = torch.randn(n, B, D), torch.randn(n, B, K, D)
+    sigma = torch.exp(torch.randn(n, B, 1))
     seen = {}
 
-    class Recorder:  # f(u) = -|u|^2, recording what info_nce feeds it
-        def one(self, k, x, sig):
-            seen.update(k=k, x=x.detach(), sig=sig)
-            return -(x**2).sum(1)
-    loss, acc = edis_mod.info_nce(Recorder(), 2, pos, neg, sigma)
-    assert seen["k"] == 2
-    u = torch.cat([pos[:, None], neg], 1)  # (B, 1 + K, D)
-    x, sig = seen["x"].reshape(B, K + 1, D), seen["sig"].reshape(B, K + 1)
-    assert torch.equal(sig, sigma.expand(B, K + 1))  # the group's sigma for all its members
-    z = (x - u) / sigma[:, :, None]  # the noise, standardized by the group's sigma
+    def recorder(x, sig):  # energy k: f_k(u) = -(k + 1) |u|^2, recording what info_nce feeds it
+        seen.update(x=x.detach(), sig=sig)
+        return -(x**2).sum(-1) * torch.arange(1.0, n + 1)[:, None]
+    loss, acc = edis_mod.info_nce(recorder, pos, neg, sigma)
+    assert loss.shape == acc.shape == (n,)
+    u = torch.cat([pos[:, :, None], neg], 2)  # (n, B, 1 + K, D)
+    x, sig = seen["x"].reshape(n, B, K + 1, D), seen["sig"].reshape(n, B, K + 1)
+    assert torch.equal(sig, sigma.expand(n, B, K + 1))  # the group's sigma for all its members
+    z = (x - u) / sigma[..., None]  # the noise, standardized by the group's sigma
     assert abs(z.mean()) < 0.05 and abs(z.std() - 1) < 0.05
-    logits = -(x**2).sum(2)
-    expected = -torch.log_softmax(logits, 1)[:, 0].mean()
+    logits = -(x**2).sum(-1) * torch.arange(1.0, n + 1)[:, None, None]
+    expected = -torch.log_softmax(logits, -1)[..., 0].mean(1)
     assert torch.allclose(loss, expected, atol=1e-5)
-    assert torch.allclose(acc, (logits.argmax(1) == 0).float().mean())
+    assert torch.allclose(acc, (logits.argmax(-1) == 0).float().mean(1))
+
+
+def test_energies_members_are_independent_and_read_the_whole_transition(edis_mod):
+    """The batched ensemble is n independent networks: member k's output depends only on slice k
+    of the input and on its own weights, and its gradient reaches every coordinate of x."""
+    torch.manual_seed(31)
+    e = edis_mod.Energies(5, 3, hidden=16)
+    x = torch.randn(3, 7, 5, requires_grad=True)
+    sigma = torch.full((1, 1, 1), 0.5)
+    f = e(x, sigma)
+    assert f.shape == (3, 7)
+    (g,) = torch.autograd.grad(f[1].sum(), x)
+    assert g[0].abs().max() == 0 and g[2].abs().max() == 0, "member 1 must read only its own rows"
+    assert (g[1].abs().sum(0) > 0).all(), "member 1 reads every coordinate"
+    with torch.no_grad():
+        e.weights[0][2].add_(1.0)  # change member 2's first layer only
+    f2 = e(x, sigma)
+    assert torch.equal(f2[:2], f[:2]) and not torch.allclose(f2[2], f[2])
 
 
 def test_rbf_mmd(edis_mod):
@@ -646,13 +743,14 @@ def test_rbf_mmd(edis_mod):
     assert torch.allclose(edis_mod.rbf_mmd(x, y + 1.0), edis_mod.rbf_mmd(y + 1.0, x), atol=1e-6)  # symmetric
 
 
-def test_union_sample_shares_by_size(edis_mod):
+def test_mixed_sample_takes_shares_not_sizes(edis_mod):
     a = common.Buffer(300, {"obs": 1}, CPU)
     b = common.Buffer(100, {"obs": 1}, CPU)
     a.add(obs=torch.zeros(300))
     b.add(obs=torch.ones(100))
-    out = edis_mod.union_sample([a, b], 1000)["obs"]
-    assert len(out) == 1000 and out.sum().item() == 250  # 1000 * 100 / 400 from b
+    out = edis_mod.mixed_sample([a, b], [0.5, 0.5], 1000)["obs"]
+    assert len(out) == 1000 and out.sum().item() == 500  # half from the small buffer b
+    assert edis_mod.mixed_sample([a, b], [0.9, 0.1], 999)["obs"].sum().item() == 100
 
 
 def test_cycle_runs_with_one_dimensional_states(edis_mod):
@@ -667,7 +765,7 @@ def test_state_dict_roundtrip_restores_sampling(edis_mod):
     """A checkpointed EDIS (model, EMA, energies, buffers, counters) samples exactly as the original."""
     torch.manual_seed(26)
     edis, offline = tiny_edis(edis_mod)
-    edis.train_diffusion([offline], 3)
+    edis.train_diffusion([offline], [1.0], 3)
     edis.positive_buffer.add(**offline.sample(30))
     edis.generated_buffer.add(**offline.sample(20))
     edis.cycles = 3
