@@ -80,8 +80,8 @@ class EDISArgs:
     diag_samples: int = 2_000
     """unguided and guided samples (same seed) compared by the per-cycle diagnostics"""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """denoiser arithmetic (training and sampling; weights stay fp32): auto = bf16 autocast on CUDA and
-    on CPUs with native bf16, fp32 elsewhere"""
+    """arithmetic of the denoiser and the energies (training, sampling, guidance; weights stay fp32):
+    auto = bf16 autocast on CUDA and on CPUs with native bf16, fp32 elsewhere"""
 
 
 SIGMA_MIN, SIGMA_MAX, SIGMA_RHO = 0.002, 80.0, 7.0
@@ -239,7 +239,7 @@ def info_nce(energies: Energies, pos, neg, sigma):
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """bf16 autocast for the denoiser: asked for, or (auto) where the hardware runs bf16 natively."""
+    """bf16 autocast for the networks of EDIS: asked for, or (auto) where the hardware runs bf16 natively."""
     if precision != "auto":
         return precision == "bf16"
     if device.type == "cuda":
@@ -317,7 +317,8 @@ class EDIS:
 
     # --- diffusion ---
     def autocast(self):
-        """The denoiser's arithmetic: bf16 where enabled (fp32 weights, fp32 outside the denoiser)."""
+        """The networks' arithmetic: bf16 matmuls where enabled (weights, optimizers and the sampler's
+        state stay fp32)."""
         return torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
 
     def denoise(self, x, sigma):
@@ -345,8 +346,9 @@ class EDIS:
         (counted in clip_fired)."""
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
-            f = self.energies(x.expand(len(self.weights), *x.shape), torch.full((1, 1, 1), sigma, device=x.device))
-            (grad,) = torch.autograd.grad((f * self.weights[:, None]).sum(), x)
+            with self.autocast():
+                f = self.energies(x.expand(len(self.weights), *x.shape), torch.full((1, 1, 1), sigma, device=x.device))
+            (grad,) = torch.autograd.grad((f.float() * self.weights[:, None]).sum(), x)
         norm = sigma * grad.norm(dim=1, keepdim=True)
         self.clip_fired += (norm > self.clip).sum()
         return grad * (self.clip / norm.clamp_min(1e-12)).clamp(max=1.0)
@@ -416,7 +418,8 @@ class EDIS:
     def train_energies(self, pools: dict, tick=None) -> dict:
         total = torch.zeros(len(ENERGY_NAMES), device=self.device)
         for _ in range(self.args.energy_steps):
-            losses, _ = self.energy_losses(pools, 0, self.args.energy_batch_size)
+            with self.autocast():
+                losses, _ = self.energy_losses(pools, 0, self.args.energy_batch_size)
             self.energy_opt.zero_grad(set_to_none=True)
             losses.sum().backward()  # one backward for all three energies
             self.energy_opt.step()
@@ -424,7 +427,7 @@ class EDIS:
             if tick is not None:
                 tick(1)
         m = {f"energy/{k}_train_loss": total[i] / max(self.args.energy_steps, 1) for i, k in enumerate(ENERGY_NAMES)}
-        with torch.no_grad():  # held-out rows, over all levels and at the low-noise end alone
+        with torch.no_grad(), self.autocast():  # held-out rows, over all levels and at the low-noise end alone
             for suffix, levels in (("", None), ("_low_sigma", self.low_sigmas)):
                 loss, top1 = self.energy_losses(pools, 1, 2048, levels)
                 for i, k in enumerate(ENERGY_NAMES):

@@ -4,6 +4,7 @@ Every expectation is computed analytically from the problem the test builds (Gau
 mixtures, whose exact denoisers and noised density ratios have closed forms), never copied from a
 run. Each test is parametrized over the two scripts that carry the same EDIS section.
 """
+import contextlib
 import copy
 import functools
 import importlib
@@ -99,7 +100,7 @@ def circle_mixture(n_modes=8, radius=2.0, std=0.3):
 
 def guide_of(edis_mod, energies, weights, dim):
     """EDIS.guide itself, bound to a stand-in holding only what it reads."""
-    holder = types.SimpleNamespace(energies=energies, weights=torch.tensor(weights),
+    holder = types.SimpleNamespace(energies=energies, weights=torch.tensor(weights), autocast=contextlib.nullcontext,
                                    clip=10.0 * math.sqrt(dim), clip_fired=torch.zeros(()))
     return (lambda x, s: edis_mod.EDIS.guide(holder, x, s)), holder
 
