@@ -465,7 +465,9 @@ class EDIS:
     def diagnostics(self, policy, offline: Buffer, diagnose) -> dict:
         """Guided vs unguided samples, from the same initial noise, on what each energy is for:
         policy log-likelihood (policy energy), MMD to the positive buffer's states (state energy);
-        `diagnose(samples, states, cycle)` adds the env-specific checks (dynamics error, picture)."""
+        `diagnose(samples, states, cycle)` adds the env-specific checks (dynamics error, picture).
+        "inpainted" is the model's own (r, s') at the positive buffer's real (s, a): its dynamics
+        error is the model's where the policy goes, the reference for the guided samples' error."""
         n = self.args.diag_samples
         xs = {}
         for name in ("unguided", "guided"):
@@ -481,6 +483,7 @@ class EDIS:
             m[f"gen/{name}_state_mmd"] = rbf_mmd(b["obs"][:2000], positive)
         states = {"offline": offline.sample(2000)["obs"], "positive buffer": positive,
                   **{k: b["obs"] for k, b in samples.items()}}
+        samples["inpainted"] = self.from_x(self.inpaint([(self.to_x(self.positive_buffer.sample(n)), self.ds + self.da)])[0])
         m.update(diagnose(samples, states, self.cycles))
         return m
 

@@ -384,10 +384,12 @@ def test_smoke_contract(script, runner):
                 key = f"gen/{name}_{m}"
                 assert key in r and math.isfinite(r[key]), key
             assert r[f"gen/{name}_state_mmd"] >= -1e-6 and r[f"gen/{name}_dynamics_mse"] >= 0
+        assert math.isfinite(r["gen/inpainted_dynamics_mse"]) and r["gen/inpainted_dynamics_mse"] >= 0
         assert 0.0 <= r["gen/nonfinite_dropped"] <= 1.0
         for k in ("state", "policy", "transition"):
-            assert 0.0 <= r[f"energy/{k}_heldout_top1"] <= 1.0
-            assert math.isfinite(r[f"energy/{k}_heldout_loss"])
+            for suffix in ("", "_low_sigma"):
+                assert 0.0 <= r[f"energy/{k}_heldout_top1{suffix}"] <= 1.0
+                assert math.isfinite(r[f"energy/{k}_heldout_loss{suffix}"])
     pngs = sorted(run_dir.glob("*.png"))
     assert len(pngs) == len(cycle_steps), pngs
     for png in pngs:
