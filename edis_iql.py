@@ -569,7 +569,7 @@ def preset_defaults(env: str, dataset: str | None, preset: str) -> dict:
     src = common.resolve_source(env, dataset or d.get("dataset"))
     if src.name in PRESETS:
         d["generated_ratio"], d["expectile"] = PRESETS[src.name]
-    if src.family == "antmaze":
+    if src.family in common.MAZE_FAMILIES:
         d.setdefault("eval_episodes", 100)
     return d
 
