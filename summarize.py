@@ -95,7 +95,8 @@ def fmt(x, width=7):
 
 
 def table(groups) -> list[str]:
-    lines = [f"{'experiment':12s} {'env':32s} {'arm':22s} {'seeds':>5s} {'offline':>7s} {'final':>7s} {'std':>7s} "
+    w = max(22, *(len(" ".join(key[2:])) for key in groups))
+    lines = [f"{'experiment':12s} {'env':32s} {'arm':{w}s} {'seeds':>5s} {'offline':>7s} {'final':>7s} {'std':>7s} "
              f"{'ci95':>7s} {'auc':>7s} {'auc_ci':>7s}  metric"]
     for key, runs in sorted(groups.items()):
         mean, std, ci = mean_std_ci([r["final"] for r in runs])
@@ -104,7 +105,7 @@ def table(groups) -> list[str]:
         auc, _, auc_ci = mean_std_ci(aucs) if aucs else (None, None, None)
         exp, env, a, *extra = key
         metrics = sorted({r["metric"].split("/")[-1] for r in runs})
-        lines.append(f"{exp:12s} {env:32s} {' '.join([a, *extra]):22s} {len(runs):5d} "
+        lines.append(f"{exp:12s} {env:32s} {' '.join([a, *extra]):{w}s} {len(runs):5d} "
                      f"{fmt(statistics.mean(off) if off else None)} {fmt(mean)} {fmt(std)} {fmt(ci)} {fmt(auc)} "
                      f"{fmt(auc_ci)}  {','.join(metrics)}")
     return lines
@@ -128,14 +129,14 @@ def plot(groups, path: Path):
             vals = [[r["curve"][s] for r in runs if s in r["curve"]] for s in steps]
             mu = [statistics.mean(v) for v in vals]
             sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
-            line, = ax.plot(steps, mu, label=f"{a} (n={len(runs)})")
+            line, = ax.plot(steps, mu, marker="o", ms=3, label=f"{a} (n={len(runs)})")
             ax.fill_between(steps, [m - s for m, s in zip(mu, sd)], [m + s for m, s in zip(mu, sd)],
                             color=line.get_color(), alpha=0.2)
         boundary = {r["offline_steps"] for runs in arms.values() for r in runs}
         if len(boundary) == 1 and None not in boundary:
             ax.axvline(boundary.pop(), color="0.5", ls="--", lw=1)  # offline -> online
         metric = sorted({r["metric"] for runs in arms.values() for r in runs})
-        ax.set(title=" ".join(panel), xlabel="step (offline updates + online env steps)", ylabel=", ".join(metric))
+        ax.set(title=" ".join(panel[:2]) + "".join(f"\n{e}" for e in panel[2:]), xlabel="step (offline updates + online env steps)", ylabel=", ".join(metric))
         ax.title.set_fontsize(9)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[n:]:
