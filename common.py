@@ -11,6 +11,7 @@ import socket
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Literal
 from pathlib import Path
@@ -415,6 +416,17 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextmanager
+def own_rng(seed: int, device: torch.device):
+    """Run a block on a torch random stream of its own, seeded with `seed`, and leave the main stream
+    where it was. The scripts build EDIS and pretrain its diffusion model in one, so the runs of a
+    seed with and without EDIS share the learner's initialisation, the offline phase and the online
+    phase up to the first EDIS cycle: the comparison is paired."""
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def pick_device(name: str) -> torch.device:

@@ -594,7 +594,8 @@ def main(argv=None):
     r_scale, r_bias = common.reward_scale_bias(task.source.family, data)
     offline = common.offline_buffer(data, obs_norm, r_scale, r_bias, device)
     online = Buffer(max(args.online_steps, 1), common.transition_dims(ds, da), device)
-    edis = EDIS(args, offline, ds, da, bool(data.terminals.any()), device) if args.edis else None
+    with common.own_rng(args.seed + 1, device):  # EDIS's randomness leaves the learner's stream alone
+        edis = EDIS(args, offline, ds, da, bool(data.terminals.any()), device) if args.edis else None
     learner = IQL(ds, da, args, device, args.offline_steps + args.online_steps * args.utd)
     env = common.make_env(task.env_fn, obs_norm, args.seed)
     run = common.Run(args, task, obs_norm, {"learner": learner, "online": online, **({"edis": edis} if edis else {})})
@@ -614,7 +615,7 @@ def main(argv=None):
                 run.evaluate_and_save(policy, "offline")
             run.check_stop()
         if edis is not None and not counters["diffusion_pretrained"]:
-            with timer("diffusion"):
+            with timer("diffusion"), common.own_rng(args.seed + 2, device):
                 run.logger.log(run.step, edis.train_diffusion([offline], args.diffusion_pretrain_steps))
             counters["diffusion_pretrained"] = True
             run.save()
