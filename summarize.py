@@ -10,6 +10,9 @@ fields to the key. Per group it prints, over seeds:
            interval (Student t, n-1 degrees of freedom)
   auc      area under the online curve: the mean of a run's online evaluations (charts/phase_online
            == 1), averaged over seeds, with its 95% half-width
+and, for every arm of a group that has a no-edis arm, the differences arm - no-edis seed by seed
+(d_final, d_auc, with 95% half-widths): the runs of a seed share the offline phase, so this paired
+difference is the sharper test.
 Runs whose last evaluation is before offline_steps + online_steps (stopped, or still running) are
 left out and counted.
 
@@ -86,7 +89,7 @@ def collect(root: Path, metric: str | None, group_by: list[str]):
         groups[key].append({"metric": m, "curve": {s: v for s, (v, _) in evals.items()}, "final": evals[max(evals)][0],
                             "offline": offline[-1] if offline else None,
                             "auc": statistics.mean(online) if online else None,
-                            "offline_steps": cfg.get("offline_steps")})
+                            "offline_steps": cfg.get("offline_steps"), "seed": cfg.get("seed")})
     return groups, unfinished
 
 
@@ -108,6 +111,33 @@ def table(groups) -> list[str]:
         lines.append(f"{exp:12s} {env:32s} {' '.join([a, *extra]):{w}s} {len(runs):5d} "
                      f"{fmt(statistics.mean(off) if off else None)} {fmt(mean)} {fmt(std)} {fmt(ci)} {fmt(auc)} "
                      f"{fmt(auc_ci)}  {','.join(metrics)}")
+    return lines
+
+
+def paired(groups) -> list[str]:
+    """Each arm minus no-edis, seed by seed (the arms of a seed share the offline phase), over the
+    seeds both have: mean difference of the final score and of the online AUC, with 95% half-widths."""
+    lines = []
+    for key, runs in sorted(groups.items()):
+        base = groups.get((*key[:2], "no-edis", *key[3:]))
+        if key[2] == "no-edis" or base is None:
+            continue
+        def unique(rs):  # seed -> run, for seeds that name one run only
+            seeds = [r["seed"] for r in rs]
+            return {r["seed"]: r for r in rs if r["seed"] is not None and seeds.count(r["seed"]) == 1}
+        mine, by_seed = unique(runs), unique(base)
+        pairs = [(mine[s], by_seed[s]) for s in sorted(mine.keys() & by_seed.keys())]
+        if not pairs:
+            continue
+        d_final = mean_std_ci([a["final"] - b["final"] for a, b in pairs])
+        d_auc = [a["auc"] - b["auc"] for a, b in pairs if a["auc"] is not None and b["auc"] is not None]
+        d_auc = mean_std_ci(d_auc) if d_auc else (None, None, None)
+        if not lines:
+            w = max(22, *(len(" ".join(k[2:])) for k in groups))
+            lines.append(f"{'experiment':12s} {'env':32s} {'arm - no-edis':{w}s} {'pairs':>5s} {'d_final':>7s} "
+                         f"{'ci95':>7s} {'d_auc':>7s} {'ci95':>7s}")
+        lines.append(f"{key[0]:12s} {key[1]:32s} {' '.join(key[2:]):{w}s} {len(pairs):5d} {fmt(d_final[0])} "
+                     f"{fmt(d_final[2])} {fmt(d_auc[0])} {fmt(d_auc[2])}")
     return lines
 
 
@@ -159,6 +189,8 @@ def main(argv=None):
               + (f" ({unfinished} unfinished)" if unfinished else ""))
         return
     print("\n".join(table(groups)))
+    if diff := paired(groups):
+        print("\npaired by seed:\n" + "\n".join(diff))
     if unfinished:
         print(f"({unfinished} unfinished run(s) left out)")
     if args.plot:

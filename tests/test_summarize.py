@@ -74,7 +74,7 @@ def test_summarize_groups_seeds_and_takes_the_last_evaluation(tmp_path):
 def test_summarize_ci_auc_ablation_arms_unfinished_and_plot(tmp_path):
     """Catches a wrong t interval, an AUC that mixes in offline evaluations, ablation arms pooled
     with full EDIS, a stopped run counted as finished, a resumed run's repeated evaluation counted
-    twice, and a plot that is not a PNG."""
+    twice, paired differences taken over mismatched seeds, and a plot that is not a PNG."""
     cfg = {"offline_steps": OFFLINE, "online_steps": ONLINE}
     steps = [50, 100, 150, 200, 250, 300]  # evaluations 0-1 offline, 2-5 online
     curves = {  # arm -> per-seed curves
@@ -85,12 +85,12 @@ def test_summarize_ci_auc_ablation_arms_unfinished_and_plot(tmp_path):
     for (mode, w), runs in curves.items():
         for seed, c in enumerate(runs):
             write_run(tmp_path / f"{mode}{w}" / str(seed), "edis_iql", mode == "edis", c, online_from=2, steps=steps,
-                      state_guidance=w, policy_guidance=1.0, transition_guidance=1.0, **cfg)
+                      state_guidance=w, policy_guidance=1.0, transition_guidance=1.0, seed=seed, **cfg)
     # a stopped run (last evaluation before offline + online steps): left out
     write_run(tmp_path / "stopped", "edis_iql", True, [50, 60, 70], online_from=2, steps=steps[:3], **cfg)
     # a resumed run that evaluated step 300 twice: the last record counts
     write_run(tmp_path / "resumed", "edis_iql", False, [1, 2, 3, 4, 5, 99, 6], online_from=2,
-              steps=steps + [300], **cfg)
+              steps=steps + [300], seed=4, **cfg)
     curves[("no-edis", 1.0)].append([1, 2, 3, 4, 5, 6])
     # a maze run without a normalized score: falls back to eval/success
     write_run(tmp_path / "maze", "edis_calql", True, [0.1, 0.2, 0.5], online_from=1, metric="eval/success",
@@ -117,6 +117,20 @@ def test_summarize_ci_auc_ablation_arms_unfinished_and_plot(tmp_path):
         assert auc_ci == pytest.approx(t * statistics.stdev(aucs) / math.sqrt(len(runs)), abs=0.006)
     n, offline, final, *_, auc, _, metric = rows[("edis_calql", "hopper-medium-v2", "edis")]
     assert (n, offline, final, auc, metric) == (1, 0.1, 0.5, 0.35, "success")
+
+    # paired by seed: arm - no-edis over the seeds both arms have
+    paired = {tuple(line.split()[:3]): [float(x) for x in line.split()[4:]] for line in out[out.index("paired by seed:") + 2:]
+              if line.startswith("edis_")}
+    assert set(paired) == {("edis_iql", "hopper-medium-v2", "edis"), ("edis_iql", "hopper-medium-v2", "edis(state=0)")}
+    base = curves[("no-edis", 1.0)]
+    for arm, w in (("edis", 1.0), ("edis(state=0)", 0.0)):
+        runs = curves[("edis", w)]
+        d_final = [c[-1] - base[s][-1] for s, c in enumerate(runs)]
+        d_auc = [statistics.mean(c[2:]) - statistics.mean(base[s][2:]) for s, c in enumerate(runs)]
+        t = t_quantile_975(len(runs) - 1)
+        expected = [statistics.mean(d_final), t * statistics.stdev(d_final) / math.sqrt(len(runs)),
+                    statistics.mean(d_auc), t * statistics.stdev(d_auc) / math.sqrt(len(runs))]
+        assert paired[("edis_iql", "hopper-medium-v2", arm)] == pytest.approx(expected, abs=0.006)
 
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image
