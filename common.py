@@ -11,6 +11,7 @@ import socket
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Literal
 from pathlib import Path
@@ -52,16 +53,17 @@ D4RL_CACHE = Path(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets")).expand
 ACCEPTED = ("accepted --env names: antmaze-{umaze,umaze-diverse,medium-play,medium-diverse,large-play,"
             "large-diverse}-v2, {pen,door,hammer,relocate}-{human,cloned,expert}-v1, "
             "{hopper,halfcheetah,walker2d}-{random,medium,medium-replay,medium-expert,expert}-v2, "
-            "or any gymnasium env id together with --dataset (a Minari id, a .hdf5 path or random:N)")
+            "or any gymnasium env id together with --dataset (a Minari id, a .hdf5 path, random:N or explore:N)")
+MAZE_FAMILIES = ("antmaze", "pointmaze")  # goal-reaching mazes: sparse reward, x, y lead the flat observation
 
 
 @dataclass
 class Source:
     """What `--env/--dataset` resolved to."""
     name: str            # dataset key used for presets, e.g. "hopper-medium", "antmaze-large-diverse"
-    family: str          # antmaze | adroit | locomotion | other
-    kind: str            # minari | hdf5 | random
-    location: str        # Minari id, HDF5 path/URL, or gymnasium env id (random)
+    family: str          # antmaze | pointmaze | adroit | locomotion | other
+    kind: str            # minari | hdf5 | random | explore
+    location: str        # Minari id, HDF5 path/URL, or gymnasium env id (random, explore)
     env_id: str | None   # gymnasium env for hdf5/random sources
     n_random: int = 0
     ref: tuple[float, float] | None = None
@@ -71,6 +73,8 @@ def family_of(env_id: str) -> str:
     e = env_id.lower()
     if "antmaze" in e:
         return "antmaze"
+    if "pointmaze" in e:
+        return "pointmaze"
     if "adroit" in e or re.match(r"(pen|door|hammer|relocate)-", e):
         return "adroit"
     if any(e.startswith(k) for k in LOCOMOTION_ENVS):
@@ -102,10 +106,10 @@ def resolve_source(env: str, dataset: str | None) -> Source:
         src = Source(env, fam, "", "", env, ref=ref)
     if dataset is None:
         return src
-    if m := re.fullmatch(r"random:(\d+)", dataset):
-        src.kind, src.n_random, src.location = "random", int(m[1]), src.env_id or dataset
+    if m := re.fullmatch(r"(random|explore):(\d+)", dataset):
+        src.kind, src.n_random, src.location = m[1], int(m[2]), src.env_id or dataset
         if src.env_id is None:
-            raise UserError("--dataset random:N needs a gymnasium env id in --env, e.g. --env Hopper-v4")
+            raise UserError(f"--dataset {m[1]}:N needs a gymnasium env id in --env, e.g. --env Hopper-v4")
         if src.n_random < 100:
             raise UserError(f"--dataset {dataset}: N must be at least 100 transitions")
     elif dataset.endswith((".hdf5", ".h5")):
@@ -113,7 +117,7 @@ def resolve_source(env: str, dataset: str | None) -> Source:
     elif "/" in dataset:
         src.kind, src.location = "minari", dataset
     else:
-        raise UserError(f"--dataset '{dataset}' is neither a Minari id (ns/name-vN), a .hdf5 path nor random:N")
+        raise UserError(f"--dataset '{dataset}' is neither a Minari id (ns/name-vN), a .hdf5 path, random:N nor explore:N")
     if src.kind != "minari" and src.env_id is None:
         raise UserError(f"--dataset {dataset} needs a gymnasium env id in --env, e.g. --env Hopper-v4")
     return src
@@ -237,21 +241,34 @@ def _fetch_d4rl(name: str) -> Path:
     return path
 
 
-def collect_random(env_id: str, n: int, seed: int = 0) -> str:
-    """Write `n` uniform-random-action transitions of `env_id` as a local Minari dataset (once)."""
+EXPLORE_KEEP, EXPLORE_NOISE = 0.95, 0.3  # explore:N momentum random walk (in units of the half action range)
+
+
+def collect_random(env_id: str, n: int, seed: int = 0, explore: bool = False) -> str:
+    """Write `n` transitions of `env_id` as a local Minari dataset (once). Actions are uniform random,
+    or with `explore` a momentum random walk u <- clip(0.95 u + 0.3 noise, -1, 1) mapped to the action
+    box: persistent directions carry a point mass along maze corridors, where uniform actions jitter
+    it in place (PointMaze Medium, 600 steps: 5 cells visited per episode uniform, 9 momentum)."""
     import minari
     from minari.data_collector import EpisodeBuffer
-    ds_id = f"edis/{re.sub(r'[^a-z0-9]+', '_', env_id.lower())}/random-{n}-v0"
+    kind = "explore" if explore else "random"
+    ds_id = f"edis/{re.sub(r'[^a-z0-9]+', '_', env_id.lower())}/{kind}-{n}-v0"
     if ds_id in minari.list_local_datasets():
         return ds_id
     env = gym.make(env_id)
     env.action_space.seed(seed)
+    rng, lo, hi = np.random.default_rng(seed), env.action_space.low, env.action_space.high
     episodes, total, ep = [], 0, 0
     while total < n:
         o, _ = env.reset(seed=seed + ep)
         obs, act, rew, term, trunc = [o], [], [], [], []
+        u = np.zeros(env.action_space.shape)
         while True:
-            a = env.action_space.sample()
+            if explore:
+                u = np.clip(EXPLORE_KEEP * u + EXPLORE_NOISE * rng.standard_normal(u.shape), -1, 1)
+                a = (lo + (u + 1) * (hi - lo) / 2).astype(env.action_space.dtype)
+            else:
+                a = env.action_space.sample()
             o, r, te, tr, _ = env.step(a)
             total += 1
             tr = tr or total >= n
@@ -262,9 +279,10 @@ def collect_random(env_id: str, n: int, seed: int = 0) -> str:
         episodes.append(EpisodeBuffer(id=ep, observations=stack, actions=np.stack(act), rewards=rew,
                                       terminations=term, truncations=trunc))
         ep += 1
-    minari.create_dataset_from_buffers(ds_id, episodes, env=env, algorithm_name="uniform random actions",
+    algo = "momentum random-walk actions" if explore else "uniform random actions"
+    minari.create_dataset_from_buffers(ds_id, episodes, env=env, algorithm_name=algo,
                                        author="edis", author_email="-", code_permalink="-",
-                                       description=f"{n} random-action transitions of {env_id}")
+                                       description=f"{n} transitions of {env_id}, {algo}")
     env.close()
     return ds_id
 
@@ -283,8 +301,8 @@ def load_task(env: str, dataset: str | None = None) -> Task:
     src = resolve_source(env, dataset)
     if src.family in ("antmaze", "adroit") or src.kind == "minari":
         _register_robotics()
-    if src.kind == "random":
-        src.location = collect_random(src.env_id, src.n_random)
+    if src.kind in ("random", "explore"):
+        src.location = collect_random(src.env_id, src.n_random, explore=src.kind == "explore")
         src.kind = "minari"
     if src.kind == "minari":
         ds = _load_minari(src.location)
@@ -361,9 +379,13 @@ def episode_returns(data: Transitions) -> np.ndarray:
 
 
 def reward_scale_bias(family: str, data: Transitions) -> tuple[float, float]:
-    """The family's default reward transform r -> scale*r + bias: antmaze r-1; locomotion
-    1000/(return range of the dataset's episodes); otherwise unchanged."""
-    if family == "antmaze":
+    """The family's default reward transform r -> scale*r + bias: mazes r-1; locomotion
+    1000/(return range of the dataset's episodes); otherwise unchanged. PointMaze has AntMaze's
+    reward (the same gymnasium-robotics maze: 1 within 0.45 m of the goal, the task continues), so
+    it gets the same r-1: -1 per step away from the goal, 0 at it. With no terminal a constant
+    shift leaves the optimal policy alone; it makes a freshly initialised Q (about 0) optimistic and
+    Cal-QL's Monte-Carlo bound of a failed episode -1/(1-gamma), as on AntMaze."""
+    if family in MAZE_FAMILIES:
         return 1.0, -1.0
     if family == "locomotion":
         ret = episode_returns(data)
@@ -394,6 +416,17 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextmanager
+def own_rng(seed: int, device: torch.device):
+    """Run a block on a torch random stream of its own, seeded with `seed`, and leave the main stream
+    where it was. The scripts build EDIS and pretrain its diffusion model in one, so the runs of a
+    seed with and without EDIS share the learner's initialisation, the offline phase and the online
+    phase up to the first EDIS cycle: the comparison is paired."""
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def pick_device(name: str) -> torch.device:
@@ -702,7 +735,7 @@ class Run:
             for name, b in samples.items():
                 m[f"gen/{name}_dynamics_mse"] = dynamics_error(self.task.env_fn, self.obs_norm, b)
         png = self.dir / f"edis_cycle{cycle}.png"
-        state_scatter(png, states, self.obs_norm, maze=self.task.source.family == "antmaze", title=f"EDIS cycle {cycle}")
+        state_scatter(png, states, self.obs_norm, maze=self.task.source.family in MAZE_FAMILIES, title=f"EDIS cycle {cycle}")
         self.logger.image("gen/states", png, self.step)
         return m
 
@@ -799,7 +832,7 @@ class RunArgs:
     env: str = "Hopper-v4"
     """D4RL-style name (antmaze-large-diverse-v2, hopper-medium-v2, pen-human-v1, ...) or a gymnasium id with --dataset"""
     dataset: str | None = None
-    """override the data: a Minari id (ns/name-vN), a D4RL-layout .hdf5 path, or random:N (works offline)"""
+    """override the data: a Minari id (ns/name-vN), a D4RL-layout .hdf5 path, random:N or explore:N (momentum random walk; both work offline)"""
     preset: Literal["paper", "quick"] = "paper"
     """paper: the paper's sizes for --env's dataset; quick: a CPU-sized run on Hopper random data (minutes)"""
     seed: int = 0

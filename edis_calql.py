@@ -692,7 +692,7 @@ class Args(EDISArgs, common.RunArgs):
     tau: float = 0.005
     """soft target update rate"""
     reward_scale: float | None = None
-    """rewards become scale * r + bias (default per family: antmaze 1, -1; locomotion 1000 / return range; else 1, 0)"""
+    """rewards become scale * r + bias (default per family: mazes 1, -1; locomotion 1000 / return range; else 1, 0)"""
     reward_bias: float | None = None
     """see --reward-scale"""
     cql_alpha: float = 10.0
@@ -738,7 +738,7 @@ def preset_defaults(env: str, dataset: str | None, preset: str) -> dict:
         ratio, alpha, alpha_online, layers, lagrange = PRESETS[src.name]
         d.update(generated_ratio=ratio, cql_alpha=alpha, cql_alpha_online=alpha_online, q_hidden_layers=layers,
                  cql_lagrange=lagrange)
-    if src.family == "antmaze":  # sparse reward: r - 1, max-target backup, clipped CQL difference
+    if src.family in common.MAZE_FAMILIES:  # sparse reward: r - 1, max-target backup, clipped CQL difference
         d.update(cql_max_target_backup=True, cql_clip_diff_min=-200.0, normalize_states=False)
         d.setdefault("eval_episodes", 100)
     if src.family == "adroit":
@@ -766,11 +766,12 @@ def main(argv=None):
     r_scale, r_bias = common.reward_scale_bias(task.source.family, data)
     r_scale = r_scale if args.reward_scale is None else args.reward_scale
     r_bias = r_bias if args.reward_bias is None else args.reward_bias
-    sparse_fail = r_bias if task.source.family == "antmaze" else None  # reward of a step away from the goal
+    sparse_fail = r_bias if task.source.family in common.MAZE_FAMILIES else None  # reward of a step away from the goal
     mc = mc_returns(data.rewards * r_scale + r_bias, data.episode_ends, args.gamma, sparse_fail)
     offline = common.offline_buffer(data, obs_norm, r_scale, r_bias, device, mc_return=mc)
     online = Buffer(max(args.online_steps, 1), common.transition_dims(ds, da, mc_return=0), device)
-    edis = EDIS(args, offline, ds, da, bool(data.terminals.any()), device) if args.edis else None
+    with common.own_rng(args.seed + 1, device):  # EDIS's randomness leaves the learner's stream alone
+        edis = EDIS(args, offline, ds, da, bool(data.terminals.any()), device) if args.edis else None
     learner = CalQL(ds, da, args, device)
     env = common.make_env(task.env_fn, obs_norm, args.seed)
     precision = f"denoiser {'bf16 autocast' if edis.bf16 else 'fp32'}, learner fp32" if edis else "fp32 (no EDIS)"
@@ -795,7 +796,8 @@ def main(argv=None):
                 run.evaluate_and_save(policy, "offline")
             run.check_stop()
         if edis is not None and not counters["diffusion_pretrained"]:
-            with timer("diffusion", args.diffusion_pretrain_steps, "diffusion pretraining") as bar:
+            with timer("diffusion", args.diffusion_pretrain_steps, "diffusion pretraining") as bar, \
+                    common.own_rng(args.seed + 2, device):
                 run.logger.log(run.step, edis.train_diffusion([offline], [1.0], args.diffusion_pretrain_steps, bar.update))
             counters["diffusion_pretrained"] = True
             run.save()

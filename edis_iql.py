@@ -636,7 +636,7 @@ def preset_defaults(env: str, dataset: str | None, preset: str) -> dict:
     src = common.resolve_source(env, dataset or d.get("dataset"))
     if src.name in PRESETS:
         d["generated_ratio"], d["expectile"] = PRESETS[src.name]
-    if src.family == "antmaze":
+    if src.family in common.MAZE_FAMILIES:
         d.setdefault("eval_episodes", 100)
     return d
 
@@ -661,7 +661,8 @@ def main(argv=None):
     r_scale, r_bias = common.reward_scale_bias(task.source.family, data)
     offline = common.offline_buffer(data, obs_norm, r_scale, r_bias, device)
     online = Buffer(max(args.online_steps, 1), common.transition_dims(ds, da), device)
-    edis = EDIS(args, offline, ds, da, bool(data.terminals.any()), device) if args.edis else None
+    with common.own_rng(args.seed + 1, device):  # EDIS's randomness leaves the learner's stream alone
+        edis = EDIS(args, offline, ds, da, bool(data.terminals.any()), device) if args.edis else None
     learner = IQL(ds, da, args, device, args.offline_steps + args.online_steps * args.utd)
     env = common.make_env(task.env_fn, obs_norm, args.seed)
     precision = f"denoiser {'bf16 autocast' if edis.bf16 else 'fp32'}, learner fp32" if edis else "fp32 (no EDIS)"
@@ -683,7 +684,8 @@ def main(argv=None):
                 run.evaluate_and_save(policy, "offline")
             run.check_stop()
         if edis is not None and not counters["diffusion_pretrained"]:
-            with timer("diffusion", args.diffusion_pretrain_steps, "diffusion pretraining") as bar:
+            with timer("diffusion", args.diffusion_pretrain_steps, "diffusion pretraining") as bar, \
+                    common.own_rng(args.seed + 2, device):
                 run.logger.log(run.step, edis.train_diffusion([offline], [1.0], args.diffusion_pretrain_steps, bar.update))
             counters["diffusion_pretrained"] = True
             run.save()

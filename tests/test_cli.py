@@ -163,6 +163,7 @@ JOBS = {  # test function -> the background runs it needs: name -> args, or a ca
     "test_no_edis_runs_the_baseline": {"noedis": SMOKE + ["--no-edis"]},
     "test_seed_reproduces_the_run": {"seed0": SEEDS + ["--seed", "0"], "seed0_again": SEEDS + ["--seed", "0"],
                                      "seed1": SEEDS + ["--seed", "1"]},
+    "test_edis_and_no_edis_runs_of_a_seed_are_paired": {"seed0_noedis": SEEDS + ["--seed", "0", "--no-edis"]},
 }
 
 
@@ -502,3 +503,21 @@ def test_seed_reproduces_the_run(script, runner):
     assert len(cycles(ra)) == 1, "the seed test is meant to cover one EDIS cycle"
     assert comparable(ra) == comparable(rb)
     assert [r["eval/return"] for r in evals(ra)] != [r["eval/return"] for r in evals(rc)]
+
+
+@script_param
+def test_edis_and_no_edis_runs_of_a_seed_are_paired(script, runner):
+    """Catches EDIS drawing from the learner's random stream (its networks' initialisation, diffusion
+    pretraining): the runs of one seed with and without EDIS must share the offline phase and the
+    online phase up to the first EDIS cycle, so that the difference between them is EDIS's."""
+    (a, dir_a), (b, dir_b) = runner.get(script, "seed0"), runner.get(script, "seed0_noedis")
+    for p in (a, b):
+        assert p.returncode == 0, describe(p)
+    until = int(flag(SEEDS, "--offline-steps")) + int(flag(SEEDS, "--edis-start"))
+
+    def shared(recs):  # evaluations and episodes up to the first cycle (its own step included)
+        return [r for r in comparable(recs) if r["step"] <= until and ("eval/return" in r or "charts/episode_return" in r)]
+    ra, rb = records(dir_a), records(dir_b)
+    assert len(evals(shared(ra))) == 3  # offline steps 30 and 60, online step 50
+    assert shared(ra) == shared(rb)
+    assert evals(ra)[-1]["eval/return"] != evals(rb)[-1]["eval/return"]  # generated data changes the rest

@@ -152,6 +152,29 @@ def test_random_dataset_is_cached(monkeypatch):
         np.testing.assert_array_equal(getattr(second.data, f), getattr(first.data, f))
 
 
+def test_pointmaze_explore_data_is_a_maze_task_and_moves_farther_than_random():
+    """Catches PointMaze not being a maze family (picture, r-1, presets), x, y not leading its flat
+    observation, and explore:N not being the momentum walk (persistent actions, a faster point)."""
+    assert common.family_of("PointMaze_Medium_Diverse_GR-v3") in common.MAZE_FAMILIES
+    assert common.reward_scale_bias("pointmaze", None) == (1.0, -1.0)
+    speed, lag1 = {}, {}
+    for kind in ("random", "explore"):
+        task = common.load_task("PointMaze_UMaze-v3", f"{kind}:1500")
+        d = task.data
+        assert task.source.family == "pointmaze" and task.source.location == f"edis/pointmaze_umaze_v3/{kind}-1500-v0"
+        assert len(d) == 1500 and d.observations.shape == (1500, 8) and task.ref is None
+        assert_no_bridging(d)
+        raw, _ = task.env_fn().reset(seed=0)
+        np.testing.assert_allclose(d.observations[0], common.flatten_obs(raw), atol=1e-6)
+        # achieved_goal (x, y) leads, and it is the point's position: observation = (x, y, vx, vy)
+        np.testing.assert_allclose(d.observations[:, :2], d.observations[:, 2:4], atol=1e-6)
+        assert d.actions.min() >= -1 and d.actions.max() <= 1
+        speed[kind] = np.linalg.norm(d.observations[:, 4:6], axis=1).mean()
+        lag1[kind] = np.corrcoef(d.actions[:-1, 0], d.actions[1:, 0])[0, 1]
+    assert lag1["random"] < 0.2 and lag1["explore"] > 0.8
+    assert speed["explore"] > 1.5 * speed["random"]  # measured 2.4 vs 1.05
+
+
 # ---------------------------------------------------------------------------------------------
 # D4RL-layout HDF5 sources
 # ---------------------------------------------------------------------------------------------
