@@ -1,0 +1,158 @@
+"""The CPU-scale study: EDIS against its base learner (--no-edis), same code, same data, same seeds.
+
+One command runs the whole grid, N runs at a time, each on one torch thread:
+
+    python study.py                                  # everything, 2 runs at a time, under ~/edis_study
+    python study.py --only maze_iql,ablation --jobs 1
+    python study.py --dry-run                        # print the commands, run nothing
+    python summarize.py ~/edis_study --plot ~/edis_study/curves.png   # (also printed at the end)
+
+Every run writes to ROOT/GROUP/ARM/seedS (the script's --run-dir), with its stdout and stderr in
+stdout.log there. The command is resumable: a run whose stdout.log holds the `final:` line is
+skipped, one with a checkpoint continues with `--resume`, any other starts afresh. Ctrl-C stops the
+running runs at a checkpoint; the next call continues them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# ------------------------------------------------------------------------------------------------
+# The grid. Each group is a task: a script and its flags; both arms of a group get exactly these.
+# ------------------------------------------------------------------------------------------------
+EDIS_CPU = [  # EDIS at CPU size (the quick preset's sizes): 256x3 denoiser, 32 sampler steps
+    "--diffusion-width", "256", "--diffusion-depth", "3", "--diffusion-pretrain-steps", "3000",
+    "--diffusion-finetune-steps", "1500", "--sample-steps", "32", "--num-generated", "10000",
+    "--gen-batch-size", "10000", "--pool-size", "5000", "--energy-steps", "1000", "--diag-samples", "1000",
+]
+MAZE = ["--env", "PointMaze_UMaze-v3", "--dataset", "explore:20000", "--eval-episodes", "50"]
+HOPPER = ["--env", "Hopper-v4", "--dataset", "random:20000", "--eval-episodes", "10"]
+# EDIS cycles at online steps 3000 and 6000; the learner trains on each cycle's samples for 3000 and
+# 2000 steps (a cycle at the very last step would make samples nobody trains on).
+SCHEDULE = ["--offline-steps", "5000", "--online-steps", "8000", "--eval-every", "1000",
+            "--offline-eval-every", "2500", "--edis-start", "3000", "--edis-every", "3000", "--log-every", "1000"]
+
+GROUPS = {  # name: (script, flags)
+    "maze_iql": ("edis_iql.py", MAZE + SCHEDULE + EDIS_CPU + ["--expectile", "0.9"]),
+    "maze_calql": ("edis_calql.py", MAZE + SCHEDULE + EDIS_CPU + ["--cql-n-actions", "4"]),
+    "hopper_iql": ("edis_iql.py", HOPPER + SCHEDULE + EDIS_CPU),
+}
+ARMS = {"edis": [], "no-edis": ["--no-edis"]}
+# The ablation: maze_iql with one energy's guidance off at a time (its full-EDIS and no-EDIS arms
+# are the maze_iql group's).
+ABLATION_OF = "maze_iql"
+ABLATION_ARMS = {f"{k}0": [f"--{k}-guidance", "0"] for k in ("state", "policy", "transition")}
+
+THREADS = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+REPO = Path(__file__).resolve().parent
+
+
+def grid(only: list[str], seeds: list[int], ablation_seeds: list[int]) -> list[tuple[str, str, list[str]]]:
+    """(name, script, flags) of every run, seed-major so that a partial study has whole seeds."""
+    runs = []
+    for seed in sorted(set(seeds) | set(ablation_seeds)):
+        for group, (script, flags) in GROUPS.items():
+            if group in only and seed in seeds:
+                runs += [(f"{group}/{arm}/seed{seed}", script, flags + extra + ["--seed", str(seed)])
+                         for arm, extra in ARMS.items()]
+        if "ablation" in only and seed in ablation_seeds:
+            script, flags = GROUPS[ABLATION_OF]
+            runs += [(f"ablation/{arm}/seed{seed}", script, flags + extra + ["--seed", str(seed)])
+                     for arm, extra in ABLATION_ARMS.items()]
+    return runs
+
+
+def final_line(run_dir: Path) -> str | None:
+    log = run_dir / "stdout.log"
+    if not log.exists():
+        return None
+    return next((line for line in reversed(log.read_text(errors="replace").splitlines()) if line.startswith("final:")), None)
+
+
+def command(run_dir: Path, script: str, flags: list[str]) -> list[str] | None:
+    """What to run for this run directory: None when it is finished, --resume when it has a checkpoint."""
+    if final_line(run_dir):
+        return None
+    if (run_dir / "checkpoint.pt").exists():
+        return [sys.executable, script, "--resume", str(run_dir)]
+    return [sys.executable, script, *flags, "--run-dir", str(run_dir)]
+
+
+def collect_data(runs):
+    """Write each random:N / explore:N dataset once, before runs race to create it in parallel."""
+    sys.path.insert(0, str(REPO))
+    import common
+    for env, dataset in sorted({(f[f.index("--env") + 1], f[f.index("--dataset") + 1]) for _, _, f in runs}):
+        common.load_task(env, dataset)
+
+
+def stop(*_):
+    raise KeyboardInterrupt
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", type=Path, default=Path("~/edis_study").expanduser(), help="where the runs go")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (each uses one thread)")
+    p.add_argument("--only", default=",".join([*GROUPS, "ablation"]), help="comma-separated groups to run")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="seeds of the EDIS / no-EDIS groups")
+    p.add_argument("--ablation-seeds", default="0,1,2", help="seeds of the ablation arms")
+    p.add_argument("--dry-run", action="store_true", help="print what would run and exit")
+    args = p.parse_args(argv)
+    only = args.only.split(",")
+    unknown = set(only) - {*GROUPS, "ablation"}
+    if unknown:
+        p.error(f"unknown group(s) {', '.join(sorted(unknown))}; choose from {', '.join([*GROUPS, 'ablation'])}")
+    runs = grid(only, [int(s) for s in args.seeds.split(",") if s], [int(s) for s in args.ablation_seeds.split(",") if s])
+    root = args.root.expanduser().resolve()
+    todo = [(name, root / name, cmd) for name, script, flags in runs if (cmd := command(root / name, script, flags))]
+    print(f"{len(runs)} runs under {root}: {len(runs) - len(todo)} finished already, {len(todo)} to run "
+          f"({sum('--resume' in c for *_, c in todo)} resumed), {args.jobs} at a time")
+    if args.dry_run:
+        for name, _, cmd in todo:
+            print(" ".join(Path(c).name if c == sys.executable else c for c in cmd))
+        return
+    collect_data(runs)
+    env = {**os.environ, **THREADS, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    finished = 0
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while todo or running:
+            while todo and len(running) < args.jobs:
+                name, run_dir, cmd = todo.pop(0)
+                if "--resume" not in cmd and run_dir.exists():  # started but never checkpointed: afresh
+                    shutil.rmtree(run_dir)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                with open(run_dir / "stdout.log", "a") as log:
+                    log.write(f"$ {' '.join(cmd)}\n")
+                    log.flush()
+                    running[name] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                      start_new_session=True), time.time())
+            time.sleep(0.5)
+            for name, (proc, t0) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                finished += 1
+                line = final_line(root / name) if proc.returncode == 0 else None
+                status = line[len("final: "):] if line else f"FAILED (exit {proc.returncode}), see {root / name / 'stdout.log'}"
+                print(f"[{finished}/{finished + len(running) + len(todo)}] {name} {time.time() - t0:.0f}s: {status}", flush=True)
+    except KeyboardInterrupt:
+        print(f"stopping {len(running)} run(s) at a checkpoint; run the same command again to continue", flush=True)
+        for proc, _ in running.values():
+            proc.send_signal(signal.SIGINT)
+        for proc, _ in running.values():
+            proc.wait()
+        sys.exit(130)
+    print(f"all done. Table and curves: python summarize.py {root} --plot {root / 'curves.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""study.py: the grid, and resuming (finished runs skipped, checkpointed ones resumed, others afresh),
+with a stand-in script in place of the training scripts."""
+import sys
+from pathlib import Path
+
+import study
+
+FAKE = """import sys, time
+args = sys.argv[1:]
+time.sleep(0.2)
+print("got", " ".join(args))
+sys.exit(1) if "--fail" in args else print("final: env=x seed=0 edis=True return=1.00 success=0.50 normalized_score=n/a")
+"""
+
+
+def test_grid_has_both_arms_every_seed_and_the_ablation():
+    runs = study.grid(["maze_iql", "hopper_iql", "ablation"], seeds=[0, 1, 2, 3, 4], ablation_seeds=[0, 1, 2])
+    names = [n for n, _, _ in runs]
+    assert len(names) == len(set(names)) == 2 * 2 * 5 + 3 * 3
+    for name, script, flags in runs:
+        group, arm, seed = name.split("/")
+        assert flags[flags.index("--seed") + 1] == seed.removeprefix("seed")
+        assert ("--no-edis" in flags) == (arm == "no-edis")
+        if group == "ablation":
+            assert flags[:len(study.GROUPS["maze_iql"][1])] == study.GROUPS["maze_iql"][1]
+            assert flags[flags.index(f"--{arm[:-1]}-guidance") + 1] == "0"
+        else:  # both arms of a group differ only in --no-edis
+            assert script == study.GROUPS[group][0] and flags[:len(study.GROUPS[group][1])] == study.GROUPS[group][1]
+
+
+def test_study_runs_skips_finished_resumes_checkpointed(tmp_path, monkeypatch, capsys):
+    fake = tmp_path / "fake.py"
+    fake.write_text(FAKE)
+    monkeypatch.setattr(study, "GROUPS", {"g": (str(fake), ["--env", "E", "--dataset", "random:100"]),
+                                          "bad": (str(fake), ["--env", "E", "--dataset", "random:100", "--fail"])})
+    monkeypatch.setattr(study, "collect_data", lambda runs: None)
+    root = tmp_path / "study"
+    study.main(["--root", str(root), "--only", "g,bad", "--seeds", "0,1", "--jobs", "2"])
+    out = capsys.readouterr().out
+    assert "8 runs" in out and out.count("FAILED (exit 1)") == 4 and out.count("success=0.50") == 4
+    assert study.final_line(root / "g/edis/seed1").startswith("final:")
+    assert "--seed 1 --run-dir" in (root / "g/edis/seed1/stdout.log").read_text()
+
+    (root / "bad/edis/seed0/checkpoint.pt").write_bytes(b"")  # stopped with a checkpoint: --resume
+    stale = root / "bad/no-edis/seed0/stale.txt"
+    stale.write_text("")  # started, never checkpointed: removed and started afresh
+    cmds = {name: study.command(root / name, s, f) for name, s, f in study.grid(["g", "bad"], [0, 1], [])}
+    assert [n for n, c in cmds.items() if c is None] == ["g/edis/seed0", "g/no-edis/seed0", "g/edis/seed1",
+                                                          "g/no-edis/seed1"]
+    assert cmds["bad/edis/seed0"] == [sys.executable, str(fake), "--resume", str(root / "bad/edis/seed0")]
+    assert "--run-dir" in cmds["bad/no-edis/seed0"]
+    study.main(["--root", str(root), "--only", "g,bad", "--seeds", "0,1", "--jobs", "2"])
+    out = capsys.readouterr().out
+    assert "4 finished already, 4 to run (1 resumed)" in out
+    assert not stale.exists()
+    assert "--resume" in (root / "bad/edis/seed0/stdout.log").read_text()
