@@ -77,7 +77,8 @@ def main(b: Bench):
     batch = {**offline.sample(256), "mc_return": torch.zeros(256, device=device)}
 
     def energy_step():
-        losses, _ = edis.energy_losses(pools, 0, args.energy_batch_size)
+        with edis.autocast():
+            losses, _ = edis.energy_losses(pools, 0, args.energy_batch_size)
         edis.energy_opt.zero_grad()
         losses.sum().backward()
         edis.energy_opt.step()
