@@ -35,6 +35,11 @@ def edis_mod(request):
     return importlib.import_module(request.param)
 
 
+# The tests that train networks run on one script only: the EDIS section is the same text in both
+# (test_scripts_share_edis), and running them twice would add minutes to CI and test nothing more.
+ONE_SCRIPT = pytest.mark.parametrize("edis_mod", ["edis_iql"], indirect=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Ground truth: exact denoisers D(x; sigma) = E[x0 | x0 + sigma n = x]
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +250,7 @@ def test_inpainting_bimodal_conditional(edis_mod):
 # ---------------------------------------------------------------------------------------------
 # 2. Training: the denoiser and the energies learn what they should
 # ---------------------------------------------------------------------------------------------
+@ONE_SCRIPT
 def test_diffusion_training_learns_mixture(edis_mod):
     """Denoiser + diffusion_loss (AdamW, EMA as EDIS samples with) on a 3-mode mixture with unequal
     weights: the sampled mode weights and the spread around the modes match the data's."""
@@ -271,6 +277,7 @@ def test_diffusion_training_learns_mixture(edis_mod):
         assert abs((k == j).float().mean() - gmm.w[j]) < 0.05, f"mode {j} weight {(k == j).float().mean():.3f}"
 
 
+@ONE_SCRIPT
 def test_energy_learns_log_density_ratio(edis_mod):
     """info_nce on positives N(m, v I) vs negatives N(0, I), one sigma per group over the sampler's
     levels: at each level f(., sigma) must match the analytic log ratio of the noised densities
@@ -296,6 +303,7 @@ def test_energy_learns_log_density_ratio(edis_mod):
         assert 0.8 < slope < 1.25 and r2 > 0.85, f"sigma {s:.3f}: slope {slope:.3f}, r2 {r2:.3f}"
 
 
+@ONE_SCRIPT
 def test_guidance_moves_samples_to_target_modes(edis_mod):
     """docs/design.md §3's check: p = 8 modes on a circle (exact denoiser), positives from 2 of them, the energy
     trained by info_nce on the sampler's levels, guidance through EDIS.guide with weight 1: the guided
@@ -425,6 +433,7 @@ def policy_resid(b):
     return ((b["actions"][:, 0] - PI_GAIN * b["obs"][:, 0]) ** 2).mean()
 
 
+@ONE_SCRIPT
 def test_policy_energy_pulls_actions_toward_policy(edis_mod, policy_state_cycle):
     """Guided actions follow pi(a|s) = N(0.5 s_1, 0.3^2): E(a - 0.5 s_1)^2 -> 0.09 (the data's
     a = s_1 + N(0, 0.5^2) gives 0.25 E[s_1^2] + 0.25 unguided), and log pi of the samples rises."""
@@ -438,6 +447,7 @@ def test_policy_energy_pulls_actions_toward_policy(edis_mod, policy_state_cycle)
     assert m["energy/policy_heldout_top1"] > m["energy/chance_top1"]
 
 
+@ONE_SCRIPT
 def test_state_guidance_reduces_mmd(edis_mod, policy_state_cycle):
     """Guided states follow the positive buffer's distribution (s_2 ~ N(1, 0.5^2), s_1 unchanged),
     and the cycle's MMD diagnostic says so."""
@@ -450,6 +460,7 @@ def test_state_guidance_reduces_mmd(edis_mod, policy_state_cycle):
     assert m["energy/state_heldout_top1"] > m["energy/chance_top1"]
 
 
+@ONE_SCRIPT
 def test_transition_energy_pulls_next_state_toward_dynamics(edis_mod):
     """The model learned data whose next states follow the true dynamics s' = A s + B a e_1 in half
     the rows and a wrong one in the other half: it stands for a wrong p_theta(s'|s, a). Real data
