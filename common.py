@@ -912,6 +912,7 @@ def validate_args(args):
     checks = [
         (args.offline_steps >= 0 and args.online_steps >= 0, "--offline-steps and --online-steps must be >= 0"),
         (0.0 <= args.generated_ratio <= 1.0, f"--generated-ratio must be in [0, 1], got {args.generated_ratio}"),
+        (0.0 <= args.online_share <= 1.0, f"--online-share must be in [0, 1], got {args.online_share}"),
         (args.utd >= 1 and args.batch_size >= 1, "--utd and --batch-size must be >= 1"),
         (args.edis_every >= 1 and args.edis_start >= 1, "--edis-every and --edis-start must be >= 1"),
         (args.eval_every >= 1 and args.offline_eval_every >= 1, "--eval-every and --offline-eval-every must be >= 1"),

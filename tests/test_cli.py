@@ -227,6 +227,8 @@ BAD = {
                                ["--offline-steps"]),
     "generated_ratio_above_1": (["--env", "Hopper-v4", "--dataset", "random:3000", "--generated-ratio", "1.5"],
                                 ["--generated-ratio", "1.5"]),
+    "online_share_above_1": (["--env", "Hopper-v4", "--dataset", "random:3000", "--online-share", "1.5"],
+                             ["--online-share", "1.5"]),
     "unknown_env": (["--env", "foo"], ["foo"]),
     "absent_antmaze_dataset": (["--env", "antmaze-large-diverse-v2"], ["minari download", "D4RL/antmaze/large-diverse"]),
     "resume_without_config": (None, ["--resume", "config.json"]),
