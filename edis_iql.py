@@ -399,7 +399,8 @@ class EDIS:
 
     # (positive pool, negative pool) per energy, in ENERGY_NAMES order. Unguided samples as the state
     # and policy negatives: inpainting them from their own s or (s, a) as well (cancelling the
-    # inpainting's bias) cost 5/3 of the pool sampling and did no better on ground truth (design §3.5).
+    # inpainting's bias) cost 5/3 of the pool sampling and did no better on ground truth or on the
+    # quick run (design §3.5, §3.9).
     PAIRS = (("state_positive", "unguided"), ("policy_positive", "unguided"), ("real", "transition_negative"))
 
     def energy_losses(self, pools: dict, split: int, batch: int, levels=None):
