@@ -1,7 +1,6 @@
 """study.py: the grid, and resuming (finished runs skipped, checkpointed ones resumed, others afresh),
 with a stand-in script in place of the training scripts."""
 import sys
-from pathlib import Path
 
 import study
 
