@@ -53,6 +53,9 @@ ARMS = {"edis": [], "no-edis": ["--no-edis"]}
 # are the maze_iql group's).
 ABLATION_OF = "maze_iql"
 ABLATION_ARMS = {f"{k}0": [f"--{k}-guidance", "0"] for k in ("state", "policy", "transition")}
+# All three weights 0: EDIS still trains and samples, but unguided. It separates "fresh samples from
+# the diffusion model" from "samples moved toward d^pi by the energies".
+ABLATION_ARMS["unguided"] = [arg for k in ("state", "policy", "transition") for arg in (f"--{k}-guidance", "0")]
 
 THREADS = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
 REPO = Path(__file__).resolve().parent

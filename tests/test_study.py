@@ -15,14 +15,17 @@ sys.exit(1) if "--fail" in args else print("final: env=x seed=0 edis=True return
 def test_grid_has_both_arms_every_seed_and_the_ablation():
     runs = study.grid(["maze_iql", "hopper_iql", "ablation"], seeds=[0, 1, 2, 3, 4], ablation_seeds=[0, 1, 2])
     names = [n for n, _, _ in runs]
-    assert len(names) == len(set(names)) == 2 * 2 * 5 + 3 * 3
+    assert len(names) == len(set(names)) == 2 * 2 * 5 + 4 * 3
     for name, script, flags in runs:
         group, arm, seed = name.split("/")
         assert flags[flags.index("--seed") + 1] == seed.removeprefix("seed")
         assert ("--no-edis" in flags) == (arm == "no-edis")
         if group == "ablation":
             assert flags[:len(study.GROUPS["maze_iql"][1])] == study.GROUPS["maze_iql"][1]
-            assert flags[flags.index(f"--{arm[:-1]}-guidance") + 1] == "0"
+            off = ["state", "policy", "transition"] if arm == "unguided" else [arm.removesuffix("0")]
+            for k in ["state", "policy", "transition"]:
+                assert (f"--{k}-guidance" in flags) == (k in off)
+                assert k not in off or flags[flags.index(f"--{k}-guidance") + 1] == "0"
         else:  # both arms of a group differ only in --no-edis
             assert script == study.GROUPS[group][0] and flags[:len(study.GROUPS[group][1])] == study.GROUPS[group][1]
 
