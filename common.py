@@ -836,7 +836,7 @@ class RunArgs:
     dataset: str | None = None
     """override the data: a Minari id (ns/name-vN), a D4RL-layout .hdf5 path, random:N or explore:N (momentum random walk; both work offline)"""
     preset: Literal["paper", "quick"] = "paper"
-    """paper: the paper's sizes for --env's dataset; quick: a CPU-sized run on Hopper random data (minutes)"""
+    """paper: the paper's sizes for --env's dataset; quick: a CPU-sized run (minutes) on random data, or on a scripted explorer's data for a maze --env"""
     seed: int = 0
     """seed of numpy, torch, the envs and the sampler"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -879,6 +879,15 @@ QUICK = dict(dataset="random:20000", offline_steps=5_000, online_steps=6_000, ed
              diffusion_width=256, diffusion_depth=3, diffusion_pretrain_steps=3_000, diffusion_finetune_steps=1_500, online_share=0.8,
              sample_steps=32, num_generated=10_000, gen_batch_size=10_000, pool_size=5_000, energy_steps=1_000,
              eval_every=2_000, offline_eval_every=5_000, eval_episodes=5, log_every=500, diag_samples=1_000)
+
+
+def quick_defaults(env: str) -> dict:
+    """--preset quick for --env: QUICK; on a goal maze (--preset quick --env PointMaze_UMaze-v3) the
+    momentum random walk's data, since uniform random actions barely leave the start cell, and 20
+    evaluation episodes, since success is a rate."""
+    if family_of(env) in MAZE_FAMILIES:
+        return {**QUICK, "dataset": "explore:20000", "eval_episodes": 20}
+    return QUICK
 
 
 def parse_args(args_cls, preset_defaults, description: str, argv=None):

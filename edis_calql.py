@@ -733,7 +733,7 @@ PRESETS = {
 
 
 def preset_defaults(env: str, dataset: str | None, preset: str) -> dict:
-    d = {"env": env, **(common.QUICK if preset == "quick" else {})}
+    d = {"env": env, **(common.quick_defaults(env) if preset == "quick" else {})}
     src = common.resolve_source(env, dataset or d.get("dataset"))
     if src.name in PRESETS:
         ratio, alpha, alpha_online, layers, lagrange = PRESETS[src.name]

@@ -633,12 +633,14 @@ PRESETS = {
 
 
 def preset_defaults(env: str, dataset: str | None, preset: str) -> dict:
-    d = {"env": env, **(common.QUICK if preset == "quick" else {})}
+    d = {"env": env, **(common.quick_defaults(env) if preset == "quick" else {})}
     src = common.resolve_source(env, dataset or d.get("dataset"))
     if src.name in PRESETS:
         d["generated_ratio"], d["expectile"] = PRESETS[src.name]
     if src.family in common.MAZE_FAMILIES:
         d.setdefault("eval_episodes", 100)
+        if preset == "quick":
+            d["expectile"] = 0.9  # the study's maze setting (README, "Does EDIS help?")
     return d
 
 

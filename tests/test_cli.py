@@ -293,6 +293,24 @@ def test_help_lists_every_flag_and_preset_defaults(script, dirs, capsys, monkeyp
         assert float(help_default(capsys.readouterr().out, "--generated-ratio")) == ratio, env
 
 
+@script_param
+def test_quick_preset_takes_explorer_data_on_a_maze(script):
+    """--preset quick is random data on Hopper; on a PointMaze it is the momentum random walk's data
+    (uniform random actions barely leave the start cell) with 20 evaluation episodes, and IQL's
+    expectile 0.9 (the study's maze setting). A flag still overrides each."""
+    mod = importlib.import_module(script[:-3])
+
+    def parsed(*argv):
+        return common.parse_args(mod.Args, mod.preset_defaults, "", ["--preset", "quick", *argv])
+    hop, maze = parsed(), parsed("--env", "PointMaze_UMaze-v3")
+    assert (hop.env, hop.dataset, hop.eval_episodes, hop.offline_steps) == ("Hopper-v4", "random:20000", 5, 5_000)
+    assert (maze.dataset, maze.eval_episodes, maze.offline_steps) == ("explore:20000", 20, 5_000)
+    if script == "edis_iql.py":
+        assert (hop.expectile, maze.expectile) == (0.7, 0.9)
+    over = parsed("--env", "PointMaze_UMaze-v3", "--dataset", "random:500", "--eval-episodes", "3")
+    assert (over.dataset, over.eval_episodes) == ("random:500", 3)
+
+
 # ---------------------------------------------------------------------------------------------
 # Stop requests on evaluation steps (in-process, deterministic)
 # ---------------------------------------------------------------------------------------------
