@@ -479,15 +479,23 @@ def normalized_score(ret: float, ref: tuple[float, float]) -> float:
 def dynamics_error(env_fn, normalizer: Normalizer, batch: dict, max_n: int = 500) -> float:
     """Mean squared error, in the learner's normalized units, between the generated s' and the one
     the simulator produces from (s, a). For MuJoCo locomotion, whose observation is qpos[1:] ++ qvel
-    (the x position does not affect the dynamics, so it is set to 0)."""
+    (the x position does not affect the dynamics, so it is set to 0), and for PointMaze, whose flat
+    observation is (x, y) ++ (x, y, vx, vy) ++ goal: the ball is a MuJoCo env of its own inside the
+    maze env, and the goal stays where it is."""
     env = env_fn().unwrapped
-    nq = env.model.nq
+    ball = getattr(env, "point_env", None)  # PointMaze
+    nq = env.model.nq if ball is None else 2
     obs, act, nxt = (normalizer.inverse(batch["obs"][:max_n].cpu().numpy()), batch["actions"][:max_n].cpu().numpy(),
                      batch["next_obs"][:max_n].cpu().numpy())
     err = []
     for s, a, s2 in zip(obs, act, nxt):
-        env.set_state(np.concatenate([[0.0], s[: nq - 1]]), s[nq - 1:])
-        true_next = env.step(np.clip(a, -1, 1))[0]
+        if ball is None:
+            env.set_state(np.concatenate([[0.0], s[: nq - 1]]), s[nq - 1:])
+            true_next = env.step(np.clip(a, -1, 1))[0]
+        else:
+            ball.set_state(s[2:4], s[4:6])
+            q = ball.step(np.clip(a, -1, 1))[0]  # x, y, vx, vy
+            true_next = np.concatenate([q[:2], q, s[6:]])
         err.append(np.mean((normalizer(true_next) - s2) ** 2))
     env.close()
     return float(np.mean(err))
@@ -730,10 +738,10 @@ class Run:
         save_checkpoint(self.ckpt, {**self.state, "rng": rng_state()})
 
     def diagnose(self, samples: dict, states: dict, cycle: int) -> dict:
-        """Env-specific EDIS diagnostics: dynamics error against the simulator (locomotion) and a
+        """Env-specific EDIS diagnostics: dynamics error against the simulator (locomotion, PointMaze) and a
         picture of the state sets, saved in the run directory and logged."""
         m = {}
-        if self.task.source.family == "locomotion":
+        if self.task.source.family in ("locomotion", "pointmaze"):
             for name, b in samples.items():
                 m[f"gen/{name}_dynamics_mse"] = dynamics_error(self.task.env_fn, self.obs_norm, b)
         png = self.dir / f"edis_cycle{cycle}.png"
