@@ -3,7 +3,8 @@
 For every run directory below ROOT (default runs/) holding config.json and metrics.jsonl it takes
 the evaluations of one metric (default eval/normalized_score; a run without it, such as a PointMaze
 run, falls back to eval/success), and groups runs by (experiment, env, arm). The arm is edis or
-no-edis, and names the guidance weights that are not 1, e.g. edis(state=0); --group-by adds config
+no-edis, and names the guidance weights that are not 1, e.g. edis(state=0), or edis(unguided) when
+all three are 0; --group-by adds config
 fields to the key. Per group it prints, over seeds:
   offline  mean of the last offline evaluation (where online fine-tuning starts)
   final    mean of the last evaluation, with its std and the half-width of its 95% confidence
@@ -63,7 +64,10 @@ def evaluations(run_dir: Path, metric: str | None) -> tuple[str, dict[int, tuple
 def arm(cfg: dict) -> str:
     if not cfg.get("edis", True):
         return "no-edis"
-    off = [f"{k}={cfg[f'{k}_guidance']:g}" for k in GUIDANCE if cfg.get(f"{k}_guidance", 1.0) != 1.0]
+    weights = [cfg.get(f"{k}_guidance", 1.0) for k in GUIDANCE]
+    if not any(weights):
+        return "edis(unguided)"
+    off = [f"{k}={w:g}" for k, w in zip(GUIDANCE, weights) if w != 1.0]
     return f"edis({','.join(off)})" if off else "edis"
 
 

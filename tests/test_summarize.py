@@ -140,3 +140,14 @@ def test_summarize_ci_auc_ablation_arms_unfinished_and_plot(tmp_path):
     # --group-by splits groups by a config field
     out = summarize(tmp_path, "--group-by", "online_steps", "--metric", "eval/normalized_score")
     assert any("edis(state=0) online_steps=200" in line for line in out)
+
+
+def test_arm_names_the_guidance_weights_off():
+    """The arm label says which guidance weights differ from 1, and 'unguided' when all three are 0."""
+    import importlib
+    arm = importlib.import_module("summarize").arm
+    assert arm({"edis": False, "state_guidance": 0.0}) == "no-edis"
+    assert arm({"edis": True}) == "edis"
+    assert arm({"edis": True, "state_guidance": 0.0, "policy_guidance": 1.0}) == "edis(state=0)"
+    assert arm({"edis": True, "policy_guidance": 2.0, "transition_guidance": 0.0}) == "edis(policy=2,transition=0)"
+    assert arm({"edis": True, "state_guidance": 0.0, "policy_guidance": 0.0, "transition_guidance": 0.0}) == "edis(unguided)"
