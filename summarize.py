@@ -12,12 +12,13 @@ fields to the key. Per group it prints, over seeds:
   auc      area under the online curve: the mean of a run's online evaluations (charts/phase_online
            == 1), averaged over seeds, with its 95% half-width
 and, for every arm of a group that has a no-edis arm, the differences arm - no-edis seed by seed
+(--against edis: arm - edis, for an ablation)
 (d_final, d_auc, with 95% half-widths): the runs of a seed share the offline phase, so this paired
 difference is the sharper test.
 Runs whose last evaluation is before offline_steps + online_steps (stopped, or still running) are
 left out and counted.
 
-Usage: python summarize.py [ROOT] [--metric eval/success] [--group-by dataset,utd] [--plot curves.png]
+Usage: python summarize.py [ROOT] [--metric eval/success] [--group-by dataset,utd] [--plot curves.png] [--against edis]
 """
 from __future__ import annotations
 
@@ -118,13 +119,14 @@ def table(groups) -> list[str]:
     return lines
 
 
-def paired(groups) -> list[str]:
-    """Each arm minus no-edis, seed by seed (the arms of a seed share the offline phase), over the
-    seeds both have: mean difference of the final score and of the online AUC, with 95% half-widths."""
+def paired(groups, against: str = "no-edis") -> list[str]:
+    """Each arm minus the arm `against`, seed by seed (the arms of a seed share the offline phase),
+    over the seeds both have: mean difference of the final score and of the online AUC, with 95%
+    half-widths."""
     lines = []
     for key, runs in sorted(groups.items()):
-        base = groups.get((*key[:2], "no-edis", *key[3:]))
-        if key[2] == "no-edis" or base is None:
+        base = groups.get((*key[:2], against, *key[3:]))
+        if key[2] == against or base is None:
             continue
         def unique(rs):  # seed -> run, for seeds that name one run only
             seeds = [r["seed"] for r in rs]
@@ -138,7 +140,7 @@ def paired(groups) -> list[str]:
         d_auc = mean_std_ci(d_auc) if d_auc else (None, None, None)
         if not lines:
             w = max(22, *(len(" ".join(k[2:])) for k in groups))
-            lines.append(f"{'experiment':12s} {'env':32s} {'arm - no-edis':{w}s} {'pairs':>5s} {'d_final':>7s} "
+            lines.append(f"{'experiment':12s} {'env':32s} {'arm - ' + against:{w}s} {'pairs':>5s} {'d_final':>7s} "
                          f"{'ci95':>7s} {'d_auc':>7s} {'ci95':>7s}")
         lines.append(f"{key[0]:12s} {key[1]:32s} {' '.join(key[2:]):{w}s} {len(pairs):5d} {fmt(d_final[0])} "
                      f"{fmt(d_final[2])} {fmt(d_auc[0])} {fmt(d_auc[2])}")
@@ -186,6 +188,7 @@ def main(argv=None):
     p.add_argument("--metric", default=None, help=f"metric to read (default: the first of {', '.join(FALLBACK)} a run has)")
     p.add_argument("--group-by", default="", help="comma-separated config.json fields added to the group key")
     p.add_argument("--plot", type=Path, default=None, help="write learning curves to this PNG")
+    p.add_argument("--against", default="no-edis", help="the arm the paired differences subtract, e.g. edis for an ablation")
     args = p.parse_args(argv)
     groups, unfinished = collect(Path(args.root), args.metric, [f for f in args.group_by.split(",") if f])
     if not groups:
@@ -193,7 +196,7 @@ def main(argv=None):
               + (f" ({unfinished} unfinished)" if unfinished else ""))
         return
     print("\n".join(table(groups)))
-    if diff := paired(groups):
+    if diff := paired(groups, args.against):
         print("\npaired by seed:\n" + "\n".join(diff))
     if unfinished:
         print(f"({unfinished} unfinished run(s) left out)")

@@ -132,6 +132,15 @@ def test_summarize_ci_auc_ablation_arms_unfinished_and_plot(tmp_path):
                     statistics.mean(d_auc), t * statistics.stdev(d_auc) / math.sqrt(len(runs))]
         assert paired[("edis_iql", "hopper-medium-v2", arm)] == pytest.approx(expected, abs=0.006)
 
+    # --against edis: the ablation arm (and no-edis) minus full EDIS, seed by seed
+    out = summarize(tmp_path, "--against", "edis")
+    paired = {tuple(line.split()[:3]): [float(x) for x in line.split()[4:]] for line in out[out.index("paired by seed:") + 2:]
+              if line.startswith("edis_")}
+    assert set(paired) == {("edis_iql", "hopper-medium-v2", a) for a in ("edis(state=0)", "no-edis")}
+    full = curves[("edis", 1.0)]
+    d_final = [c[-1] - full[s][-1] for s, c in enumerate(curves[("edis", 0.0)])]
+    assert paired[("edis_iql", "hopper-medium-v2", "edis(state=0)")][0] == pytest.approx(statistics.mean(d_final), abs=0.006)
+
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image
     img = matplotlib.image.imread(png)
