@@ -110,7 +110,7 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (each uses one thread)")
     p.add_argument("--only", default=",".join([*GROUPS, "ablation"]), help="comma-separated groups to run")
     p.add_argument("--seeds", default="0,1,2,3,4", help="seeds of the EDIS / no-EDIS groups")
-    p.add_argument("--ablation-seeds", default="0,1,2", help="seeds of the ablation arms")
+    p.add_argument("--ablation-seeds", default="0,1,2,3,4", help="seeds of the ablation arms")
     p.add_argument("--dry-run", action="store_true", help="print what would run and exit")
     args = p.parse_args(argv)
     only = args.only.split(",")
