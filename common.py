@@ -484,12 +484,12 @@ def dynamics_error(env_fn, normalizer: Normalizer, batch: dict, max_n: int = 500
     maze env, and the goal stays where it is."""
     env = env_fn().unwrapped
     ball = getattr(env, "point_env", None)  # PointMaze
-    nq = env.model.nq if ball is None else 2
     obs, act, nxt = (normalizer.inverse(batch["obs"][:max_n].cpu().numpy()), batch["actions"][:max_n].cpu().numpy(),
                      batch["next_obs"][:max_n].cpu().numpy())
     err = []
     for s, a, s2 in zip(obs, act, nxt):
         if ball is None:
+            nq = env.model.nq
             env.set_state(np.concatenate([[0.0], s[: nq - 1]]), s[nq - 1:])
             true_next = env.step(np.clip(a, -1, 1))[0]
         else:

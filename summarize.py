@@ -4,17 +4,15 @@ For every run directory below ROOT (default runs/) holding config.json and metri
 the evaluations of one metric (default eval/normalized_score; a run without it, such as a PointMaze
 run, falls back to eval/success), and groups runs by (experiment, env, arm). The arm is edis or
 no-edis, and names the guidance weights that are not 1, e.g. edis(state=0), or edis(unguided) when
-all three are 0; --group-by adds config
-fields to the key. Per group it prints, over seeds:
+all three are 0; --group-by adds config fields to the key. Per group it prints, over seeds:
   offline  mean of the last offline evaluation (where online fine-tuning starts)
   final    mean of the last evaluation, with its std and the half-width of its 95% confidence
            interval (Student t, n-1 degrees of freedom)
   auc      area under the online curve: the mean of a run's online evaluations (charts/phase_online
            == 1), averaged over seeds, with its 95% half-width
 and, for every arm of a group that has a no-edis arm, the differences arm - no-edis seed by seed
-(--against edis: arm - edis, for an ablation)
 (d_final, d_auc, with 95% half-widths): the runs of a seed share the offline phase, so this paired
-difference is the sharper test.
+difference is the sharper test. --against edis subtracts the full EDIS arm instead (an ablation).
 Runs whose last evaluation is before offline_steps + online_steps (stopped, or still running) are
 left out and counted.
 
