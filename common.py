@@ -29,6 +29,13 @@ class UserError(Exception):
     """Bad input: printed as one line `error: ...` and exit code 2, never as a traceback."""
 
 
+def warn(msg: str):
+    """A line in the run's output that says something went wrong and what was done about it (above the
+    progress bars, which tqdm redraws)."""
+    from tqdm import tqdm
+    tqdm.write(f"warning: {msg}", file=sys.stdout)
+
+
 def run_main(main, *args):
     try:
         main(*args)
@@ -280,10 +287,14 @@ def collect_random(env_id: str, n: int, seed: int = 0, explore: bool = False) ->
                                       terminations=term, truncations=trunc))
         ep += 1
     algo = "momentum random-walk actions" if explore else "uniform random actions"
-    minari.create_dataset_from_buffers(ds_id, episodes, env=env, algorithm_name=algo,
-                                       author="edis", author_email="-", code_permalink="-",
-                                       description=f"{n} transitions of {env_id}, {algo}")
     env.close()
+    try:
+        minari.create_dataset_from_buffers(ds_id, episodes, env=env, algorithm_name=algo,
+                                           author="edis", author_email="-", code_permalink="-",
+                                           description=f"{n} transitions of {env_id}, {algo}")
+    except ValueError:  # a run started beside this one wrote the same (deterministic) data first
+        if ds_id not in minari.list_local_datasets():
+            raise
     return ds_id
 
 
@@ -474,31 +485,114 @@ def normalized_score(ret: float, ref: tuple[float, float]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Diagnostics that need the simulator or a picture
+# Diagnostics: what the learner consumes, against the simulator; a picture of the states
 # ---------------------------------------------------------------------------------------------
-def dynamics_error(env_fn, normalizer: Normalizer, batch: dict, max_n: int = 500) -> float:
-    """Mean squared error, in the learner's normalized units, between the generated s' and the one
-    the simulator produces from (s, a). For MuJoCo locomotion, whose observation is qpos[1:] ++ qvel
-    (the x position does not affect the dynamics, so it is set to 0), and for PointMaze, whose flat
-    observation is (x, y) ++ (x, y, vx, vy) ++ goal: the ball is a MuJoCo env of its own inside the
-    maze env, and the goal stays where it is."""
+def simulated_steps(env_fn, obs: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The simulator's (s', r, terminated) from raw (s, a) rows. MuJoCo locomotion: the observation is
+    qpos[1:] ++ qvel, and the x position affects neither the dynamics nor the reward (a difference of
+    x), so it is set to 0. PointMaze: the flat observation is (x, y) ++ (x, y, vx, vy) ++ goal; the
+    ball is a MuJoCo env of its own inside the maze env, the goal stays, and the maze env's own
+    reward and termination functions score the new (x, y)."""
     env = env_fn().unwrapped
-    ball = getattr(env, "point_env", None)  # PointMaze
-    obs, act, nxt = (normalizer.inverse(batch["obs"][:max_n].cpu().numpy()), batch["actions"][:max_n].cpu().numpy(),
-                     batch["next_obs"][:max_n].cpu().numpy())
-    err = []
-    for s, a, s2 in zip(obs, act, nxt):
+    ball = getattr(env, "point_env", None)
+    nxt, rew, term = [], [], []
+    for s, a in zip(obs, np.clip(actions, -1, 1)):
         if ball is None:
             nq = env.model.nq
             env.set_state(np.concatenate([[0.0], s[: nq - 1]]), s[nq - 1:])
-            true_next = env.step(np.clip(a, -1, 1))[0]
+            s2, r, te = env.step(a)[:3]
         else:
             ball.set_state(s[2:4], s[4:6])
-            q = ball.step(np.clip(a, -1, 1))[0]  # x, y, vx, vy
-            true_next = np.concatenate([q[:2], q, s[6:]])
-        err.append(np.mean((normalizer(true_next) - s2) ** 2))
+            q = ball.step(a)[0]  # x, y, vx, vy
+            s2 = np.concatenate([q[:2], q, s[6:]])
+            r, te = env.compute_reward(q[:2], s[6:], {}), env.compute_terminated(q[:2], s[6:], {})
+        nxt.append(s2), rew.append(float(r)), term.append(float(te))
     env.close()
-    return float(np.mean(err))
+    return np.array(nxt), np.array(rew), np.array(term)
+
+
+def env_reward_fn(task: Task, obs_norm: Normalizer, r_scale: float, r_bias: float):
+    """The task's own reward as a function of learner-space next states, where the env defines one
+    (goal mazes: compute_reward of the achieved goal, which leads the flat observation, and the
+    desired goal, which ends it; 2-d each), in the learner's reward units. None elsewhere."""
+    if task.source.family not in MAZE_FAMILIES:
+        return None
+    env = task.env_fn().unwrapped
+
+    def reward(next_obs: torch.Tensor) -> torch.Tensor:  # one host round trip per call: once per EDIS cycle
+        s2 = obs_norm.inverse(next_obs.detach().float().cpu().numpy())
+        r = env.compute_reward(s2[:, :2], s2[:, -2:], {})
+        return torch.as_tensor(r * r_scale + r_bias, dtype=torch.float32, device=next_obs.device)
+    return reward
+
+
+class TransitionCheck:
+    """What the learner consumes, checked row by row (docs/design.md §7). For locomotion and PointMaze
+    the simulator replays each (s, a): the error of s' (mean, and the tail share beyond anything real
+    transitions do), of r and of the terminal flag. For mazes, whether the move from s to s' is
+    possible at all: its straight path must stay out of wall cells and, where the simulator bounds
+    the speed (PointMaze), be no longer than the longest step the ball can make. Real transitions
+    score 0 on all of it, up to float error and to the rows where Hopper's or Walker2d's observation
+    clips a velocity at +-10 (the simulator then restarts from the clipped value)."""
+
+    def __init__(self, task: Task, obs_norm: Normalizer, r_scale: float, r_bias: float):
+        self.env_fn, self.obs_norm, self.r_scale, self.r_bias = task.env_fn, obs_norm, r_scale, r_bias
+        self.simulated = task.source.family in ("locomotion", "pointmaze")
+        self.terminals = bool(task.data.terminals.any())
+        # Tail threshold per coordinate (normalized units): the largest change any offline transition
+        # makes in one step; a generated s' off by more than that is not a small error. Coordinates no
+        # real step changes (a maze's goal) get a floor of 0.05 (a twentieth of their spread).
+        d = task.data
+        self.tail = np.maximum(np.abs(obs_norm(d.next_observations) - obs_norm(d.observations)).max(0), 0.05)
+        self.maze = None
+        if task.source.family in MAZE_FAMILIES:
+            env = task.env_fn().unwrapped
+            m = env.maze
+            self.maze = (np.array(m.maze_map) == 1, m.maze_size_scaling, m.x_map_center, m.y_map_center,
+                         self._max_step(env) if hasattr(env, "point_env") else None)
+            env.close()
+
+    @staticmethod
+    def _max_step(env) -> float:
+        """The longest (x, y) move of one PointMaze step: the velocity is clipped to +-5 per axis
+        before each step; start at that speed in an open cell and push with the full action."""
+        ball, walls = env.point_env, np.array(env.maze.maze_map) == 1
+        center = env.maze.cell_rowcol_to_xy(np.argwhere(~walls)[0])
+        longest = 0.0
+        for sign in ([1, 1], [1, -1], [-1, 1], [-1, -1]):
+            ball.set_state(center.astype(float), 5.0 * np.array(sign, float))
+            longest = max(longest, float(np.linalg.norm(ball.step(np.array(sign, float))[0][:2] - center)))
+        return longest
+
+    def impossible_moves(self, xy: np.ndarray, xy2: np.ndarray) -> np.ndarray:
+        """(n,) bool: the segment xy -> xy2 (raw maze coordinates) enters a wall cell or leaves the map,
+        or is longer than one step allows."""
+        walls, scale, xc, yc, max_step = self.maze
+        pts = xy + np.linspace(0.0, 1.0, 17)[:, None, None] * (xy2 - xy)  # (17, n, 2)
+        i = np.floor((yc - pts[..., 1]) / scale).astype(int)
+        j = np.floor((pts[..., 0] + xc) / scale).astype(int)
+        inside = (i >= 0) & (i < walls.shape[0]) & (j >= 0) & (j < walls.shape[1])
+        bad = (~inside | walls[i.clip(0, walls.shape[0] - 1), j.clip(0, walls.shape[1] - 1)]).any(0)
+        if max_step is not None:
+            bad |= np.linalg.norm(xy2 - xy, axis=1) > 1.01 * max_step
+        return bad
+
+    def __call__(self, batch: dict) -> dict[str, float]:
+        """batch: learner-space tensors (obs, actions, rewards, next_obs, terminals)."""
+        b = {k: v.detach().float().cpu().numpy() for k, v in batch.items()}
+        obs, nxt = self.obs_norm.inverse(b["obs"]), self.obs_norm.inverse(b["next_obs"])
+        m = {}
+        if self.simulated:
+            true_next, r, term = simulated_steps(self.env_fn, obs, b["actions"])
+            err = self.obs_norm(true_next) - b["next_obs"]
+            m["dynamics_mse"] = float(np.mean(err**2))
+            m["dynamics_tail"] = float(np.mean((np.abs(err) > self.tail).any(1)))
+            m["reward_mse"] = float(np.mean((r * self.r_scale + self.r_bias - b["rewards"]) ** 2))
+            if self.terminals:
+                m["terminal_error"] = float(np.mean(term != b["terminals"]))
+        if self.maze is not None:
+            m["wall_crossing"] = float(np.mean(self.impossible_moves(obs[:, :2], nxt[:, :2])))
+        return m
 
 
 def state_scatter(path: Path, groups: dict, normalizer: Normalizer, maze: bool, title: str):
@@ -675,9 +769,11 @@ class Run:
     """Plumbing around a script's training loops. `state` holds what a checkpoint must restore
     (objects with state_dict); counters, timings and RNG states are added here."""
 
-    def __init__(self, args, task: Task, obs_norm: Normalizer, state: dict, header: dict | None = None):
+    def __init__(self, args, task: Task, obs_norm: Normalizer, reward_transform: tuple[float, float], state: dict,
+                 header: dict | None = None):
         from tqdm import tqdm
-        self.args, self.task, self.obs_norm = args, task, obs_norm
+        self.args, self.task, self.obs_norm, self.reward_transform = args, task, obs_norm, reward_transform
+        self.check: TransitionCheck | None = None  # built at the first EDIS cycle
         self.dir = Path(args.resume or args.run_dir or f"runs/{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}")
         self.ckpt = self.dir / "checkpoint.pt"
         self.counters = {"offline_step": 0, "online_step": 0, "updates": 0, "diffusion_pretrained": False}
@@ -738,12 +834,12 @@ class Run:
         save_checkpoint(self.ckpt, {**self.state, "rng": rng_state()})
 
     def diagnose(self, samples: dict, states: dict, cycle: int) -> dict:
-        """Env-specific EDIS diagnostics: dynamics error against the simulator (locomotion, PointMaze) and a
-        picture of the state sets, saved in the run directory and logged."""
-        m = {}
-        if self.task.source.family in ("locomotion", "pointmaze"):
-            for name, b in samples.items():
-                m[f"gen/{name}_dynamics_mse"] = dynamics_error(self.task.env_fn, self.obs_norm, b)
+        """Env-specific EDIS diagnostics: each set of rows checked as the learner would consume it
+        (TransitionCheck: `gen/{set}_{metric}`), and a picture of the state sets, saved in the run
+        directory and logged."""
+        if self.check is None:
+            self.check = TransitionCheck(self.task, self.obs_norm, *self.reward_transform)
+        m = {f"gen/{name}_{k}": v for name, b in samples.items() for k, v in self.check(b).items()}
         png = self.dir / f"edis_cycle{cycle}.png"
         state_scatter(png, states, self.obs_norm, maze=self.task.source.family in MAZE_FAMILIES, title=f"EDIS cycle {cycle}")
         self.logger.image("gen/states", png, self.step)

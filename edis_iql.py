@@ -58,6 +58,11 @@ class EDISArgs:
     """share of online rows in the fine-tune batches and in the transition energy's real rows (rest offline)"""
     diffusion_restart: bool = False
     """retrain the denoiser from scratch (pretrain steps) at each cycle instead of fine-tuning"""
+    next_state: Literal["step", "absolute"] = "step"
+    """what the model generates for s': the step s' - s, standardized (default), or s' itself as the paper"""
+    env_reward: bool = True
+    """give generated transitions the env's own reward r(s') where the env defines one (goal mazes);
+    --no-env-reward keeps the reward the model generates"""
     sample_steps: int = 128
     """Heun sampler steps (sigma from 80 to 0.002)"""
     # --- energies (noise-conditioned density ratios, InfoNCE) ---
@@ -230,12 +235,23 @@ class Energies(nn.Module):
 def info_nce(energies: Energies, pos, neg, sigma):
     """InfoNCE of every energy at once, -log softmax of the positive among 1 + K: pos (n, B, D),
     neg (n, B, K, D), all members of a group noised with the group's sigma (n, B, 1). Returns
-    (loss, top-1 accuracy), each (n,) on the device."""
+    (loss, top-1 accuracy, offset), each (n,) on the device; offset is the mean square of the groups'
+    mean logits, which the loss cannot see (see OFFSET_WEIGHT)."""
     u = torch.cat([pos[:, :, None], neg], 2)
     n, B, G, D = u.shape
     sig = sigma[:, :, None].expand(n, B, G, 1)
-    logits = energies((u + sig * torch.randn_like(u)).reshape(n, B * G, D), sig.reshape(n, B * G, 1)).reshape(n, B, G)
-    return -logits.log_softmax(-1)[..., 0].mean(1), (logits.argmax(-1) == 0).float().mean(1)
+    logits = energies((u + sig * torch.randn_like(u)).reshape(n, B * G, D), sig.reshape(n, B * G, 1)).reshape(n, B, G).float()
+    return (-logits.log_softmax(-1)[..., 0].mean(1), (logits.argmax(-1) == 0).float().mean(1),
+            logits.mean(-1).pow(2).mean(1))
+
+
+# InfoNCE is blind to a constant added to all logits of a group, so nothing holds the energies' level
+# (any c(sigma)) in place, and Adam turns rounding-size gradients along that direction into full
+# steps: warm-started over maze cycles, the transition energy's mean logit went -1 -> -13 -> -26 ->
+# -103 -> -174 while its informative spread stayed below 3, until bf16 rounding (0.27 at -174) swamped
+# the ratio and its loss rose above chance (design §3.4). A small pull of each group's mean logit
+# to 0 pins that level and leaves the ratio, which lives in the differences, alone.
+OFFSET_WEIGHT = 0.01
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -271,8 +287,9 @@ class EDIS:
     """What EDIS adds to a learner: a diffusion model of transitions, three energies, the positive
     buffer (recent online data ~ d^pi) and the generated buffer (guided samples)."""
 
-    def __init__(self, args: EDISArgs, offline: Buffer, ds: int, da: int, terminals: bool, device):
+    def __init__(self, args: EDISArgs, offline: Buffer, ds: int, da: int, terminals: bool, device, reward_fn=None):
         self.args, self.device, self.ds, self.da = args, device, ds, da
+        self.reward_fn = reward_fn if args.env_reward else None  # the env's r(s'), where it has one
         self.fields = ["obs", "actions", "rewards", "next_obs"] + (["terminals"] if terminals else [])
         self.dims = {"obs": ds, "actions": da, "rewards": 1, "next_obs": ds, "terminals": 1}
         dim = sum(self.dims[f] for f in self.fields)
@@ -282,6 +299,7 @@ class EDIS:
         self.energies = Energies(dim, len(ENERGY_NAMES)).to(device)
         self.energy_opt = torch.optim.Adam(self.energies.parameters(), lr=args.energy_lr)
         self.weights = torch.tensor([args.state_guidance, args.policy_guidance, args.transition_guidance], device=device)
+        self.active = torch.ones(len(ENERGY_NAMES), device=device)  # 0: that energy failed its held-out check this cycle
         self.new_model(dim)
         self.positive_buffer = Buffer(args.positive_buffer_size, common.transition_dims(ds, da), device)
         self.generated_buffer = Buffer(args.num_generated, common.transition_dims(ds, da), device)
@@ -303,7 +321,9 @@ class EDIS:
 
     # --- transitions <-> normalized vectors x = [s, a, r, s', (terminal)] ---
     def raw(self, batch: dict):
-        return torch.cat([batch[f].reshape(len(batch["obs"]), -1) for f in self.fields], 1)
+        """[s, a, r, s' - s, (terminal)]: the model learns the step, not s' itself (docs/design.md §1)."""
+        step = {"next_obs": batch["next_obs"] - batch["obs"]} if self.args.next_state == "step" else {}
+        return torch.cat([{**batch, **step}[f].reshape(len(batch["obs"]), -1) for f in self.fields], 1)
 
     def to_x(self, batch: dict):
         return (self.raw(batch) - self.x_mean) / self.x_std
@@ -312,6 +332,10 @@ class EDIS:
         parts = torch.split(x * self.x_std + self.x_mean, [self.dims[f] for f in self.fields], 1)
         out = dict(zip(self.fields, parts))
         out["rewards"] = out["rewards"].squeeze(1)
+        if self.args.next_state == "step":
+            out["next_obs"] = out["obs"] + out["next_obs"]
+        if self.reward_fn is not None:
+            out["rewards"] = self.reward_fn(out["next_obs"])
         out["terminals"] = (out["terminals"].squeeze(1) > 0.5).float() if "terminals" in out else torch.zeros_like(out["rewards"])
         return out
 
@@ -348,7 +372,7 @@ class EDIS:
             x = x.detach().requires_grad_(True)
             with self.autocast():
                 f = self.energies(x.expand(len(self.weights), *x.shape), torch.full((1, 1, 1), sigma, device=x.device))
-            (grad,) = torch.autograd.grad((f.float() * self.weights[:, None]).sum(), x)
+            (grad,) = torch.autograd.grad((f.float() * (self.weights * self.active)[:, None]).sum(), x)
         norm = sigma * grad.norm(dim=1, keepdim=True)
         self.clip_fired += (norm > self.clip).sum()
         return grad * (self.clip / norm.clamp_min(1e-12)).clamp(max=1.0)
@@ -384,7 +408,8 @@ class EDIS:
     def make_pools(self, policy, real: list[Buffer], shares: list[float], tick=None) -> dict:
         """The rows the three InfoNCE problems contrast (docs/design.md §3). Each energy's positives
         differ from its negatives in its own factor only; the coordinates it is not about are
-        inpainted by the model. Each pool is split 90/10 into training and held-out rows."""
+        inpainted by the model. Each pool is split 80/10/10 into training, validation (early stopping)
+        and held-out rows (the reported losses and the guard)."""
         n, ds, da = self.args.pool_size, self.ds, self.da
         unguided = self.sample(n, tick=tick)
         with_pi = unguided.clone()  # s from model samples, a+ ~ pi(.|s); (r, s') inpainted below
@@ -395,7 +420,8 @@ class EDIS:
                 "policy_positive": (with_pi, ds + da),
                 "transition_negative": (real_x, ds + da)}  # the model's (r, s') given real (s, a)
         pools = dict(zip(jobs, self.inpaint(list(jobs.values()), tick)), unguided=unguided, real=real_x)
-        return {k: (v[: int(0.9 * len(v))], v[int(0.9 * len(v)):]) for k, v in pools.items()}
+        return {k: (v[: int(0.8 * len(v))], v[int(0.8 * len(v)):int(0.9 * len(v))], v[int(0.9 * len(v)):])
+                for k, v in pools.items()}
 
     # (positive pool, negative pool) per energy, in ENERGY_NAMES order. Unguided samples as the state
     # and policy negatives: inpainting them from their own s or (s, a) as well (cancelling the
@@ -406,7 +432,7 @@ class EDIS:
     def energy_losses(self, pools: dict, split: int, batch: int, levels=None):
         """InfoNCE of the three energies on one batch each: one sigma per group, uniform over the
         queried levels (or `levels`); negatives are other rows of the negative pool (matching the
-        conditioning in distribution). Returns (losses, top-1), each (3,)."""
+        conditioning in distribution). Returns (losses, top-1, offsets), each (3,)."""
         levels = self.train_sigmas if levels is None else levels
         K, pos, neg = self.args.energy_negatives, [], []
         for p, q in self.PAIRS:
@@ -417,24 +443,52 @@ class EDIS:
         return info_nce(self.energies, torch.stack(pos), torch.stack(neg), sigma)
 
     def train_energies(self, pools: dict, tick=None) -> dict:
-        total = torch.zeros(len(ENERGY_NAMES), device=self.device)
-        for _ in range(self.args.energy_steps):
+        """InfoNCE steps with early stopping: every tenth of the steps each energy's loss on the same
+        validation groups is compared with its best so far, and at the end each energy goes back to
+        its best weights. Warm-started from cycle to cycle on a few thousand rows, the energies
+        otherwise overfit: their held-out loss rose above chance while the training loss fell
+        (docs/design.md §3.4)."""
+        steps, total = self.args.energy_steps, torch.zeros(len(ENERGY_NAMES), device=self.device)
+        params = list(self.energies.parameters())  # each (n_energies, ...): member k is slice k
+        best = [p.detach().clone() for p in params]
+        best_loss = self.validation_loss(pools)
+        best_step = torch.zeros(len(ENERGY_NAMES), device=self.device)
+        every = max(steps // 10, 1)
+        for step in range(1, steps + 1):
             with self.autocast():
-                losses, _ = self.energy_losses(pools, 0, self.args.energy_batch_size)
+                losses, _, offsets = self.energy_losses(pools, 0, self.args.energy_batch_size)
             self.energy_opt.zero_grad(set_to_none=True)
-            losses.sum().backward()  # one backward for all three energies
+            (losses + OFFSET_WEIGHT * offsets).sum().backward()  # one backward for all three energies
             self.energy_opt.step()
             total += losses.detach()
+            if step % every == 0 or step == steps:
+                loss = self.validation_loss(pools)
+                better = loss < best_loss  # per energy, on the device: no host sync
+                best_loss, best_step = torch.where(better, loss, best_loss), torch.where(better, float(step), best_step)
+                for b, p in zip(best, params):
+                    b.copy_(torch.where(better.view(-1, *[1] * (p.dim() - 1)), p.detach(), b))
             if tick is not None:
                 tick(1)
-        m = {f"energy/{k}_train_loss": total[i] / max(self.args.energy_steps, 1) for i, k in enumerate(ENERGY_NAMES)}
+        with torch.no_grad():
+            for b, p in zip(best, params):
+                p.copy_(b)
+        m = {f"energy/{k}_train_loss": total[i] / max(steps, 1) for i, k in enumerate(ENERGY_NAMES)}
+        m.update({f"energy/{k}_best_step": best_step[i] for i, k in enumerate(ENERGY_NAMES)})
         with torch.no_grad(), self.autocast():  # held-out rows, over all levels and at the low-noise end alone
             for suffix, levels in (("", None), ("_low_sigma", self.low_sigmas)):
-                loss, top1 = self.energy_losses(pools, 1, 2048, levels)
+                loss, top1, _ = self.energy_losses(pools, 2, 2048, levels)
                 for i, k in enumerate(ENERGY_NAMES):
                     m[f"energy/{k}_heldout_loss{suffix}"], m[f"energy/{k}_heldout_top1{suffix}"] = loss[i], top1[i]
         m["energy/chance_top1"] = 1.0 / (1 + self.args.energy_negatives)
         return m
+
+    @torch.no_grad()
+    def validation_loss(self, pools: dict):
+        """Each energy's InfoNCE loss on the validation rows, the same groups, sigmas and noise at every
+        call of a cycle (a fixed seed), so that successive weights are compared on equal terms."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), self.autocast():
+            torch.manual_seed(self.cycles)
+            return self.energy_losses(pools, 1, 2048)[0].float()
 
     # --- the cycle (docs/design.md §5) ---
     def cycle(self, policy, offline: Buffer, online: Buffer, timer, diagnose) -> dict:
@@ -449,6 +503,7 @@ class EDIS:
             pools = self.make_pools(policy, real, shares, bar.update)
         with timer("energy", a.energy_steps, f"cycle {self.cycles + 1}: energy training") as bar:
             m.update(self.train_energies(pools, bar.update))
+        m.update(self.guard_energies(m))
         with timer("generation", self.sampler_work(a.num_generated), f"cycle {self.cycles + 1}: guided generation") as bar:
             fired_before = self.clip_fired.clone()
             x = self.sample(a.num_generated, guided=True, tick=bar.update)
@@ -456,10 +511,44 @@ class EDIS:
             self.generated_buffer.replace(**self.from_x(x[finite]))
             m["gen/nonfinite_dropped"] = 1.0 - finite.float().mean()
             m["gen/guidance_clip_rate"] = (self.clip_fired - fired_before) / (a.num_generated * (2 * a.sample_steps - 1))
+        m.update(self.guard_samples(m))
         with timer("diagnostics"):
             m.update(self.diagnostics(policy, offline, diagnose))
         self.cycles += 1
         return m
+
+    # --- guards: nothing a cycle got wrong reaches the learner unnoticed (docs/design.md §7) ---
+    def guard_energies(self, m: dict) -> dict:
+        """An energy whose held-out InfoNCE loss at low noise is not below chance, ln(1 + K), tells its
+        pools apart no better than a coin (or has diverged): it does not guide this cycle's samples."""
+        chance, out, off = math.log(1 + self.args.energy_negatives), {}, []
+        for i, k in enumerate(ENERGY_NAMES):
+            loss = float(m[f"energy/{k}_heldout_loss_low_sigma"])  # one host read per energy and cycle
+            trusted = math.isfinite(loss) and loss < chance
+            self.active[i] = float(trusted)
+            out[f"edis/{k}_guides"] = float(trusted and self.weights[i] != 0)
+            if not trusted and self.weights[i] != 0:
+                off.append(f"{k} ({loss:.2f})")
+        if off:
+            common.warn(f"EDIS cycle {self.cycles + 1}: held-out loss at sigma <= 0.1 not below chance "
+                        f"ln {1 + self.args.energy_negatives} = {chance:.2f} for the {', '.join(off)} energy; "
+                        "it does not guide this cycle's samples")
+        return out
+
+    def guard_samples(self, m: dict) -> dict:
+        """Guided samples whose guidance hit the safety clip more than rarely (an energy extrapolating
+        off the data) or came out non-finite do not feed the learner: for this cycle the generated
+        share is the offline data, as with --no-edis."""
+        clip, dropped = float(m["gen/guidance_clip_rate"]), float(m["gen/nonfinite_dropped"])
+        if clip <= self.MAX_CLIP_RATE and dropped <= self.MAX_CLIP_RATE:
+            return {"edis/fallback": 0.0}
+        self.generated_buffer.replace(**{k: v[:0] for k, v in self.generated_buffer.all().items()})
+        common.warn(f"EDIS cycle {self.cycles + 1}: guidance clipped on {clip:.1%} of sampler calls, {dropped:.1%} "
+                    f"of samples non-finite (limit {self.MAX_CLIP_RATE:.0%}); this cycle's samples are not used "
+                    "and the offline data fills the generated share until the next cycle")
+        return {"edis/fallback": 1.0}
+
+    MAX_CLIP_RATE = 0.01  # a correct energy's guidance almost never reaches the clip (design §3.6)
 
     @torch.no_grad()
     def diagnostics(self, policy, offline: Buffer, diagnose) -> dict:
@@ -484,18 +573,20 @@ class EDIS:
         states = {"offline": offline.sample(2000)["obs"], "positive buffer": positive,
                   **{k: b["obs"] for k, b in samples.items()}}
         samples["inpainted"] = self.from_x(self.inpaint([(self.to_x(self.positive_buffer.sample(n)), self.ds + self.da)])[0])
+        samples["positive"] = self.positive_buffer.sample(n)  # real rows: the floor of every check
         m.update(diagnose(samples, states, self.cycles))
         return m
 
     MODULES = ("model", "ema", "opt", "energies", "energy_opt", "positive_buffer", "generated_buffer")
 
     def state_dict(self):
-        return {**{k: getattr(self, k).state_dict() for k in self.MODULES}, "clip_fired": self.clip_fired, "cycles": self.cycles}
+        return {**{k: getattr(self, k).state_dict() for k in self.MODULES}, "clip_fired": self.clip_fired,
+                "active": self.active, "cycles": self.cycles}
 
     def load_state_dict(self, s):
         for k in self.MODULES:
             getattr(self, k).load_state_dict(s[k])
-        self.clip_fired, self.cycles = s["clip_fired"].to(self.device), s["cycles"]
+        self.clip_fired, self.active, self.cycles = s["clip_fired"].to(self.device), s["active"].to(self.device), s["cycles"]
 # ==============================================================================================
 # EDIS end
 # ==============================================================================================
@@ -513,7 +604,8 @@ class GaussianActor(nn.Module):
         self.log_std = nn.Parameter(torch.zeros(da))
 
     def dist(self, s):
-        return torch.distributions.Normal(torch.tanh(self.mu(s)), self.log_std.clamp(-5, 2).exp())
+        # validate_args=False: the argument checks read values back from the device at every update
+        return torch.distributions.Normal(torch.tanh(self.mu(s)), self.log_std.clamp(-5, 2).exp(), validate_args=False)
 
     def log_prob(self, s, a):
         return self.dist(s).log_prob(a).sum(-1)
@@ -665,11 +757,12 @@ def main(argv=None):
     offline = common.offline_buffer(data, obs_norm, r_scale, r_bias, device)
     online = Buffer(max(args.online_steps, 1), common.transition_dims(ds, da), device)
     with common.own_rng(args.seed + 1, device):  # EDIS's randomness leaves the learner's stream alone
-        edis = EDIS(args, offline, ds, da, bool(data.terminals.any()), device) if args.edis else None
+        edis = EDIS(args, offline, ds, da, bool(data.terminals.any()), device,
+                    common.env_reward_fn(task, obs_norm, r_scale, r_bias)) if args.edis else None
     learner = IQL(ds, da, args, device, args.offline_steps + args.online_steps * args.utd)
     env = common.make_env(task.env_fn, obs_norm, args.seed)
     precision = f"diffusion model and energies {'bf16 autocast' if edis.bf16 else 'fp32'}, learner fp32" if edis else "fp32 (no EDIS)"
-    run = common.Run(args, task, obs_norm, {"learner": learner, "online": online, **({"edis": edis} if edis else {})},
+    run = common.Run(args, task, obs_norm, (r_scale, r_bias), {"learner": learner, "online": online, **({"edis": edis} if edis else {})},
                      header={"device": device, "precision": precision})
     counters, timer = run.counters, run.timer
 

@@ -373,6 +373,10 @@ def test_stop_on_an_evaluation_step_keeps_the_evaluation(script, stop_at, dirs, 
 # ---------------------------------------------------------------------------------------------
 # The smoke contract
 # ---------------------------------------------------------------------------------------------
+def cfg_energy_steps(run_dir) -> int:
+    return json.loads((run_dir / "config.json").read_text())["energy_steps"]
+
+
 @script_param
 def test_smoke_contract(script, runner):
     """The whole pipeline on a tiny config: evaluations at the steps the flags say, two EDIS cycles
@@ -401,12 +405,23 @@ def test_smoke_contract(script, runner):
     assert [r["edis/cycle"] for r in cy] == list(range(1, len(cycle_steps) + 1))
     for r in cy:
         for name in ("unguided", "guided"):
-            for m in ("policy_logprob", "state_mmd", "dynamics_mse"):
+            for m in ("policy_logprob", "state_mmd"):
                 key = f"gen/{name}_{m}"
                 assert key in r and math.isfinite(r[key]), key
-            assert r[f"gen/{name}_state_mmd"] >= -1e-6 and r[f"gen/{name}_dynamics_mse"] >= 0
-        assert math.isfinite(r["gen/inpainted_dynamics_mse"]) and r["gen/inpainted_dynamics_mse"] >= 0
+            assert r[f"gen/{name}_state_mmd"] >= -1e-6
+        # what the learner consumes, against the simulator (Hopper random data has terminals)
+        for name in ("unguided", "guided", "inpainted", "positive"):
+            for m in ("dynamics_mse", "reward_mse"):
+                assert math.isfinite(r[f"gen/{name}_{m}"]) and r[f"gen/{name}_{m}"] >= 0, (name, m)
+            for m in ("dynamics_tail", "terminal_error"):
+                assert 0.0 <= r[f"gen/{name}_{m}"] <= 1.0, (name, m)
+            assert f"gen/{name}_wall_crossing" not in r  # mazes only
+        # real rows replay exactly, except where Hopper's observation clips a velocity at +-10
+        assert r["gen/positive_dynamics_tail"] <= 0.05 and r["gen/positive_terminal_error"] <= 0.05
         assert 0.0 <= r["gen/nonfinite_dropped"] <= 1.0
+        assert r["edis/fallback"] in (0.0, 1.0)
+        for k in ("state", "policy", "transition"):
+            assert r[f"edis/{k}_guides"] in (0.0, 1.0) and 0 <= r[f"energy/{k}_best_step"] <= cfg_energy_steps(run_dir)
         for k in ("state", "policy", "transition"):
             for suffix in ("", "_low_sigma"):
                 assert 0.0 <= r[f"energy/{k}_heldout_top1{suffix}"] <= 1.0
