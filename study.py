@@ -43,32 +43,46 @@ SCHEDULE = ["--offline-steps", "5000", "--online-steps", "8000", "--eval-every",
 CALQL = ["--offline-steps", "2000", "--online-steps", "5000", "--eval-every", "1000", "--offline-eval-every", "1000",
          "--edis-start", "1000", "--edis-every", "2500", "--log-every", "500", "--cql-n-actions", "4", "--batch-size", "128"]
 
+# The layouts study (issue "EDIS must not hurt the learner"): four EDIS cycles, at online steps 2000,
+# 5000, 8000 and 11000 of 12000, on each of gymnasium-robotics' PointMaze layouts, explorer data sized
+# per layout.
+SCHEDULE4 = ["--offline-steps", "5000", "--online-steps", "12000", "--eval-every", "1000",
+             "--offline-eval-every", "2500", "--edis-start", "2000", "--edis-every", "3000", "--log-every", "1000"]
+LAYOUTS = {"umaze": ("PointMaze_UMaze-v3", "explore:20000"), "medium": ("PointMaze_Medium-v3", "explore:50000"),
+           "large": ("PointMaze_Large-v3", "explore:100000")}
+
 GROUPS = {  # name: (script, flags)
     "maze_iql": ("edis_iql.py", MAZE + SCHEDULE + EDIS_CPU + ["--expectile", "0.9"]),
     "maze_calql": ("edis_calql.py", MAZE + CALQL + EDIS_CPU),
     "hopper_iql": ("edis_iql.py", HOPPER + SCHEDULE + EDIS_CPU),
+    **{f"{k}_iql4": ("edis_iql.py", ["--env", env, "--dataset", data, "--eval-episodes", "50"] + SCHEDULE4 + EDIS_CPU
+                     + ["--expectile", "0.9"]) for k, (env, data) in LAYOUTS.items()},
 }
-ARMS = {"edis": [], "no-edis": ["--no-edis"]}
+# unguided: all three guidance weights 0 (EDIS trains and samples as usual, without guidance)
+UNGUIDED = [arg for k in ("state", "policy", "transition") for arg in (f"--{k}-guidance", "0")]
+ARMS = {"edis": [], "no-edis": ["--no-edis"], "unguided": UNGUIDED}
+DEFAULT_ARMS = "edis,no-edis"
 # The ablation: maze_iql with one energy's guidance off at a time (its full-EDIS and no-EDIS arms
 # are the maze_iql group's).
 ABLATION_OF = "maze_iql"
 ABLATION_ARMS = {f"{k}0": [f"--{k}-guidance", "0"] for k in ("state", "policy", "transition")}
 # All three weights 0: EDIS still trains and samples, but unguided. It separates "fresh samples from
 # the diffusion model" from "samples moved toward d^pi by the energies".
-ABLATION_ARMS["unguided"] = [arg for k in ("state", "policy", "transition") for arg in (f"--{k}-guidance", "0")]
+ABLATION_ARMS["unguided"] = UNGUIDED
 
 THREADS = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
 REPO = Path(__file__).resolve().parent
 
 
-def grid(only: list[str], seeds: list[int], ablation_seeds: list[int]) -> list[tuple[str, str, list[str]]]:
+def grid(only: list[str], seeds: list[int], ablation_seeds: list[int],
+         arms: list[str] = DEFAULT_ARMS.split(",")) -> list[tuple[str, str, list[str]]]:
     """(name, script, flags) of every run, seed-major so that a partial study has whole seeds."""
     runs = []
     for seed in sorted(set(seeds) | set(ablation_seeds)):
         for group, (script, flags) in GROUPS.items():
             if group in only and seed in seeds:
-                runs += [(f"{group}/{arm}/seed{seed}", script, flags + extra + ["--seed", str(seed)])
-                         for arm, extra in ARMS.items()]
+                runs += [(f"{group}/{arm}/seed{seed}", script, flags + ARMS[arm] + ["--seed", str(seed)])
+                         for arm in arms]
         if "ablation" in only and seed in ablation_seeds:
             script, flags = GROUPS[ABLATION_OF]
             runs += [(f"ablation/{arm}/seed{seed}", script, flags + extra + ["--seed", str(seed)])
@@ -108,7 +122,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", type=Path, default=Path("~/edis_study").expanduser(), help="where the runs go")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (each uses one thread)")
-    p.add_argument("--only", default=",".join([*GROUPS, "ablation"]), help="comma-separated groups to run")
+    p.add_argument("--only", default="maze_iql,maze_calql,hopper_iql,ablation", help="comma-separated groups to run, of "
+                   + ", ".join([*GROUPS, "ablation"]))
+    p.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated arms of each group, of {', '.join(ARMS)}")
     p.add_argument("--seeds", default="0,1,2,3,4", help="seeds of the EDIS / no-EDIS groups")
     p.add_argument("--ablation-seeds", default="0,1,2,3,4", help="seeds of the ablation arms")
     p.add_argument("--dry-run", action="store_true", help="print what would run and exit")
@@ -117,7 +133,10 @@ def main(argv=None):
     unknown = set(only) - {*GROUPS, "ablation"}
     if unknown:
         p.error(f"unknown group(s) {', '.join(sorted(unknown))}; choose from {', '.join([*GROUPS, 'ablation'])}")
-    runs = grid(only, [int(s) for s in args.seeds.split(",") if s], [int(s) for s in args.ablation_seeds.split(",") if s])
+    arms = args.arms.split(",")
+    if set(arms) - set(ARMS):
+        p.error(f"unknown arm(s) {', '.join(sorted(set(arms) - set(ARMS)))}; choose from {', '.join(ARMS)}")
+    runs = grid(only, [int(s) for s in args.seeds.split(",") if s], [int(s) for s in args.ablation_seeds.split(",") if s], arms)
     root = args.root.expanduser().resolve()
     todo = [(name, root / name, cmd) for name, script, flags in runs if (cmd := command(root / name, script, flags))]
     print(f"{len(runs)} runs under {root}: {len(runs) - len(todo)} finished already, {len(todo)} to run "

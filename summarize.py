@@ -16,7 +16,13 @@ difference is the sharper test. --against edis subtracts the full EDIS arm inste
 Runs whose last evaluation is before offline_steps + online_steps (stopped, or still running) are
 left out and counted.
 
+With --diagnostics it also prints, per EDIS arm, the per-cycle diagnostics (docs/design.md §7) as
+mean and std over seeds, cycle by cycle: what the learner consumes (guided and unguided samples, the
+model's inpainting at real (s, a), the real positive buffer), the energies' held-out losses, the
+guards.
+
 Usage: python summarize.py [ROOT] [--metric eval/success] [--group-by dataset,utd] [--plot curves.png] [--against edis]
+                           [--diagnostics]
 """
 from __future__ import annotations
 
@@ -49,10 +55,13 @@ def mean_std_ci(v: list[float]) -> tuple[float, float, float]:
     return statistics.mean(v), s, t975(len(v) - 1) * s / math.sqrt(len(v))
 
 
-def evaluations(run_dir: Path, metric: str | None) -> tuple[str, dict[int, tuple[float, bool]]] | None:
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def evaluations(recs: list[dict], metric: str | None) -> tuple[str, dict[int, tuple[float, bool]]] | None:
     """(metric used, step -> (value, online?)) of a run's evaluation records; a step logged twice (a
     resumed run re-evaluating) keeps its last record. None when the run has none of the metric."""
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     for m in ([metric] if metric else FALLBACK):
         evals = {r["step"]: (r[m], r.get("charts/phase_online") == 1.0) for r in recs if m in r}
         if evals:
@@ -78,7 +87,8 @@ def collect(root: Path, metric: str | None, group_by: list[str]):
         if not (d / "metrics.jsonl").exists():
             continue
         cfg = json.loads(cfg_path.read_text())
-        got = evaluations(d, metric)
+        recs = records(d)
+        got = evaluations(recs, metric)
         if got is None:
             continue
         m, evals = got
@@ -92,7 +102,8 @@ def collect(root: Path, metric: str | None, group_by: list[str]):
         groups[key].append({"metric": m, "curve": {s: v for s, (v, _) in evals.items()}, "final": evals[max(evals)][0],
                             "offline": offline[-1] if offline else None,
                             "auc": statistics.mean(online) if online else None,
-                            "offline_steps": cfg.get("offline_steps"), "seed": cfg.get("seed")})
+                            "offline_steps": cfg.get("offline_steps"), "seed": cfg.get("seed"),
+                            "cycles": {int(r["edis/cycle"]): r for r in recs if "edis/cycle" in r}})
     return groups, unfinished
 
 
@@ -145,6 +156,36 @@ def paired(groups, against: str = "no-edis") -> list[str]:
     return lines
 
 
+# The per-cycle diagnostics worth a line, in this order: what the learner consumes, then the energies
+# and the guards (a key a run does not log is skipped).
+SETS = ("guided", "unguided", "inpainted", "positive")
+DIAGNOSTICS = (*(f"gen/{s}_{m}" for m in ("dynamics_mse", "dynamics_tail", "reward_mse", "terminal_error", "wall_crossing")
+                 for s in SETS),
+               *(f"gen/{s}_{m}" for m in ("policy_logprob", "state_mmd") for s in SETS[:2]),
+               *(f"energy/{k}_heldout_loss_low_sigma" for k in GUIDANCE), "energy/transition_heldout_top1_low_sigma",
+               *(f"edis/{k}_guides" for k in GUIDANCE), "gen/guidance_clip_rate", "edis/fallback")
+
+
+def diagnostics(groups) -> list[str]:
+    """Per EDIS arm: each diagnostic's mean (std) over seeds at every cycle."""
+    lines = []
+    for key, runs in sorted(groups.items()):
+        cycles = sorted({c for r in runs for c in r["cycles"]})
+        if not cycles:
+            continue
+        lines.append(f"\n{' '.join(key)}: per-cycle diagnostics, mean (std) over {len(runs)} seed(s)")
+        lines.append(f"  {'metric':44s}" + "".join(f"{'cycle ' + str(c):>16s}" for c in cycles))
+        for name in DIAGNOSTICS:
+            cells = []
+            for c in cycles:
+                v = [r["cycles"][c][name] for r in runs if c in r["cycles"] and name in r["cycles"][c]]
+                m, sd, _ = mean_std_ci(v) if v else (None, None, None)
+                cells.append(f"{m:8.3f} ({sd:5.3f})" if v and len(v) > 1 else f"{m:8.3f}        " if v else f"{'-':>16s}")
+            if any(c.strip() != "-" for c in cells):
+                lines.append(f"  {name:44s}" + "".join(f"{c:>16s}" for c in cells))
+    return lines
+
+
 def plot(groups, path: Path):
     """Metric against step, mean +- std over seeds per arm, one panel per (experiment, env, group-by)."""
     import matplotlib
@@ -187,6 +228,7 @@ def main(argv=None):
     p.add_argument("--group-by", default="", help="comma-separated config.json fields added to the group key")
     p.add_argument("--plot", type=Path, default=None, help="write learning curves to this PNG")
     p.add_argument("--against", default="no-edis", help="the arm the paired differences subtract, e.g. edis for an ablation")
+    p.add_argument("--diagnostics", action="store_true", help="also print each EDIS arm's per-cycle diagnostics")
     args = p.parse_args(argv)
     groups, unfinished = collect(Path(args.root), args.metric, [f for f in args.group_by.split(",") if f])
     if not groups:
@@ -196,6 +238,8 @@ def main(argv=None):
     print("\n".join(table(groups)))
     if diff := paired(groups, args.against):
         print("\npaired by seed:\n" + "\n".join(diff))
+    if args.diagnostics:
+        print("\n".join(diagnostics(groups)))
     if unfinished:
         print(f"({unfinished} unfinished run(s) left out)")
     if args.plot:

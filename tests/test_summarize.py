@@ -160,3 +160,27 @@ def test_arm_names_the_guidance_weights_off():
     assert arm({"edis": True, "state_guidance": 0.0, "policy_guidance": 1.0}) == "edis(state=0)"
     assert arm({"edis": True, "policy_guidance": 2.0, "transition_guidance": 0.0}) == "edis(policy=2,transition=0)"
     assert arm({"edis": True, "state_guidance": 0.0, "policy_guidance": 0.0, "transition_guidance": 0.0}) == "edis(unguided)"
+
+
+def test_diagnostics_are_per_cycle_means_over_seeds(tmp_path):
+    """Catches diagnostics pooled across cycles, across arms, or averaged over the wrong seeds: each
+    cycle's line holds the mean (std) over the EDIS runs of that cycle's record; no-edis has none."""
+    tails = {0: [0.1, 0.3], 1: [0.2, 0.5], 2: [0.6, 0.7]}  # seed -> guided dynamics tail at cycles 1, 2
+    for seed, (c1, c2) in tails.items():
+        d = tmp_path / f"edis{seed}"
+        write_run(d, "edis_iql", True, [1.0, 2.0], seed=seed)
+        with open(d / "metrics.jsonl", "a") as f:
+            for cycle, v in ((1, c1), (2, c2)):
+                f.write(json.dumps({"step": 10 * cycle, "edis/cycle": cycle, "gen/guided_dynamics_tail": v,
+                                    "edis/fallback": float(seed == 2 and cycle == 2)}) + "\n")
+    write_run(tmp_path / "base0", "edis_iql", False, [1.0, 2.0], seed=0)
+    out = summarize(tmp_path, "--diagnostics")
+    head = [i for i, line in enumerate(out) if "per-cycle diagnostics" in line]
+    assert len(head) == 1 and out[head[0]].startswith("edis_iql hopper-medium-v2 edis:")
+    rows = {line.split()[0]: line.split()[1:] for line in out[head[0] + 2:] if line.startswith("  ")}
+    for cycle in (0, 1):
+        v = [tails[s][cycle] for s in tails]
+        assert rows["gen/guided_dynamics_tail"][2 * cycle] == f"{statistics.mean(v):.3f}"
+        assert rows["gen/guided_dynamics_tail"][2 * cycle + 1] == f"({statistics.stdev(v):.3f})"
+    assert rows["edis/fallback"][:4] == ["0.000", "(0.000)", "0.333", "(0.577)"]
+    assert "gen/guided_reward_mse" not in rows  # not logged: no line
