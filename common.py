@@ -979,7 +979,7 @@ class RunArgs:
 # per cycle on batches 80% online: with 500 steps at 50% the model had not learned the region the
 # policy visits, and guided samples there had 2.4x the unguided dynamics error in cycle 1 (1.1x
 # with these; design §3.9).
-QUICK = dict(dataset="random:20000", offline_steps=5_000, online_steps=6_000, edis_start=2_000, edis_every=2_000,
+QUICK = dict(dataset="random:20000", offline_steps=5_000, online_steps=6_000, edis_start=1_500, edis_every=1_500,
              diffusion_width=256, diffusion_depth=3, diffusion_pretrain_steps=3_000, diffusion_finetune_steps=1_500, online_share=0.8,
              sample_steps=32, num_generated=10_000, gen_batch_size=10_000, pool_size=5_000, energy_steps=1_000,
              eval_every=2_000, offline_eval_every=5_000, eval_episodes=5, log_every=500, diag_samples=1_000)

@@ -9,6 +9,7 @@ Design and math: docs/design.md. Run `python edis_iql.py --help` for every flag.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -58,6 +59,9 @@ class EDISArgs:
     """share of online rows in the fine-tune batches and in the transition energy's real rows (rest offline)"""
     diffusion_restart: bool = False
     """retrain the denoiser from scratch (pretrain steps) at each cycle instead of fine-tuning"""
+    state_source: Literal["model", "positive"] = "model"
+    """where generated states come from: the model, guided by the state energy (the paper), or the
+    positive buffer's real states, with (a, r, s') generated for them (the state energy then unused)"""
     next_state: Literal["step", "absolute"] = "step"
     """what the model generates for s': the step s' - s, standardized (default), or s' itself as the paper"""
     env_reward: bool = True
@@ -298,7 +302,8 @@ class EDIS:
         self.x_mean, self.x_std = x.mean(0), x.std(0).clamp_min(1e-3)
         self.energies = Energies(dim, len(ENERGY_NAMES)).to(device)
         self.energy_opt = torch.optim.Adam(self.energies.parameters(), lr=args.energy_lr)
-        self.weights = torch.tensor([args.state_guidance, args.policy_guidance, args.transition_guidance], device=device)
+        state_w = args.state_guidance if args.state_source == "model" else 0.0  # real states need no steering
+        self.weights = torch.tensor([state_w, args.policy_guidance, args.transition_guidance], device=device)
         self.active = torch.ones(len(ENERGY_NAMES), device=device)  # 0: that energy failed its held-out check this cycle
         self.new_model(dim)
         self.positive_buffer = Buffer(args.positive_buffer_size, common.transition_dims(ds, da), device)
@@ -315,11 +320,10 @@ class EDIS:
     def new_model(self, dim: int):
         a = self.args
         self.model = Denoiser(dim, a.diffusion_width, a.diffusion_depth).to(self.device)
-        self.ema = torch.optim.swa_utils.AveragedModel(
-            self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.995))
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)  # what samples: a moving average of the weights
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=a.diffusion_lr)
 
-    # --- transitions <-> normalized vectors x = [s, a, r, s', (terminal)] ---
+    # --- transitions <-> normalized vectors x = [s, a, r, s' - s, (terminal)] ---
     def raw(self, batch: dict):
         """[s, a, r, s' - s, (terminal)]: the model learns the step, not s' itself (docs/design.md §1)."""
         step = {"next_obs": batch["next_obs"] - batch["obs"]} if self.args.next_state == "step" else {}
@@ -347,7 +351,7 @@ class EDIS:
 
     def denoise(self, x, sigma):
         with self.autocast():
-            return self.ema.module(x, sigma)
+            return self.ema(x, sigma)
 
     def train_diffusion(self, buffers: list[Buffer], shares: list[float], steps: int, tick=None) -> dict:
         total = torch.zeros((), device=self.device)
@@ -358,7 +362,8 @@ class EDIS:
             loss.backward()
             nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.opt.step()
-            self.ema.update_parameters(self.model)
+            with torch.no_grad():  # EMA, decay 0.995: one fused update, no host-side counter
+                torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1.0 - 0.995)
             total += loss.detach()
             if tick is not None:
                 tick(1)
@@ -388,6 +393,15 @@ class EDIS:
             out.append(heun_sample(self.denoise, x, self.sigmas, guide=self.guide if guided else None,
                                    known=kn, resample=2 if known is not None else 1, tick=tick))
         return torch.cat(out)
+
+    def generate(self, n: int, guided: bool, tick=None) -> torch.Tensor:
+        """What the learner gets: n whole transitions from the model, or (--state-source positive)
+        the positive buffer's real states completed by the model, s known and the rest inpainted."""
+        if self.args.state_source == "model":
+            return self.sample(n, guided=guided, tick=tick)
+        x = self.to_x(self.positive_buffer.sample(n))
+        mask = (torch.arange(x.shape[1], device=self.device) < self.ds).expand_as(x)
+        return self.sample(n, guided=guided, known=(mask, x), tick=tick)
 
     def sampler_work(self, n: int, inpainted: bool = False) -> int:
         """Rows x sampler passes that sampling n rows takes (the progress bar's unit)."""
@@ -504,13 +518,15 @@ class EDIS:
         with timer("energy", a.energy_steps, f"cycle {self.cycles + 1}: energy training") as bar:
             m.update(self.train_energies(pools, bar.update))
         m.update(self.guard_energies(m))
-        with timer("generation", self.sampler_work(a.num_generated), f"cycle {self.cycles + 1}: guided generation") as bar:
+        work = self.sampler_work(a.num_generated, inpainted=a.state_source == "positive")
+        with timer("generation", work, f"cycle {self.cycles + 1}: guided generation") as bar:
             fired_before = self.clip_fired.clone()
-            x = self.sample(a.num_generated, guided=True, tick=bar.update)
+            x = self.generate(a.num_generated, guided=True, tick=bar.update)
             finite = torch.isfinite(x).all(1)
             self.generated_buffer.replace(**self.from_x(x[finite]))
             m["gen/nonfinite_dropped"] = 1.0 - finite.float().mean()
-            m["gen/guidance_clip_rate"] = (self.clip_fired - fired_before) / (a.num_generated * (2 * a.sample_steps - 1))
+            calls = a.num_generated * (2 * a.sample_steps - 1) * (2 if a.state_source == "positive" else 1)  # guide() rows
+            m["gen/guidance_clip_rate"] = (self.clip_fired - fired_before) / calls
         m.update(self.guard_samples(m))
         with timer("diagnostics"):
             m.update(self.diagnostics(policy, offline, diagnose))
@@ -562,7 +578,7 @@ class EDIS:
         for name in ("unguided", "guided"):
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 torch.manual_seed(self.cycles)
-                xs[name] = self.sample(n, guided=name == "guided")
+                xs[name] = self.generate(n, guided=name == "guided")
         positive = self.positive_buffer.sample(min(n, 2000))["obs"]
         m, samples = {}, {}
         for name, x in xs.items():
@@ -672,9 +688,8 @@ class IQL:
         self.actor_opt.step()
         self.actor_sched.step()
 
-        with torch.no_grad():
-            for p, pt in zip(self.q.parameters(), self.q_target.parameters()):
-                pt.lerp_(p, a.tau)
+        with torch.no_grad():  # soft target update, one fused call
+            torch._foreach_lerp_(list(self.q_target.parameters()), list(self.q.parameters()), a.tau)
         return {"losses/v": v_loss.detach(), "losses/q": q_loss.detach(), "losses/actor": actor_loss.detach(),
                 "values/q": q1.detach().mean(), "values/v": v.detach().mean()}
 
@@ -813,7 +828,8 @@ def main(argv=None):
             with timer("learner"):
                 for _ in range(args.utd):
                     run.log_train(learner.update(common.cat_batches(online.sample(args.batch_size - n_gen), mix.sample(n_gen))))
-            if edis is not None and step >= args.edis_start and (step - args.edis_start) % args.edis_every == 0:
+            # a cycle at the last step would make samples nothing trains on
+            if edis is not None and args.edis_start <= step < args.online_steps and (step - args.edis_start) % args.edis_every == 0:
                 m = edis.cycle(learner.actor, offline, online, timer, run.diagnose)
                 run.logger.log(run.step, {**m, "edis/cycle": edis.cycles})
             if step % args.eval_every == 0 or step == args.online_steps:

@@ -403,7 +403,7 @@ def test_bellman_target_min_twin_max_over_sampled_next_actions(max_backup, monke
             head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))  # mu = s_0, log_std = 0
             head.bias.zero_()
         learner.actor.net = nn.Sequential(head)
-        learner.q_target = ActionQ()
+        learner.q_target.forward = ActionQ().forward  # its parameters stay (the soft update needs them)
         b = random_batch(B, 2, 1, seed=5)
         b["obs"][:, 0], b["next_obs"][:, 0] = -1.0, 1.0
         monkeypatch.setattr(edis_calql, "F", rec)

@@ -28,7 +28,7 @@ def write_run(d: Path, exp: str, edis: bool, scores: list[float], online_from: i
 
 
 def summarize(*args) -> list[str]:
-    return subprocess.run([sys.executable, "summarize.py", *map(str, args)], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "tools/summarize.py", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, check=True).stdout.splitlines()
 
 
@@ -160,6 +160,9 @@ def test_arm_names_the_guidance_weights_off():
     assert arm({"edis": True, "state_guidance": 0.0, "policy_guidance": 1.0}) == "edis(state=0)"
     assert arm({"edis": True, "policy_guidance": 2.0, "transition_guidance": 0.0}) == "edis(policy=2,transition=0)"
     assert arm({"edis": True, "state_guidance": 0.0, "policy_guidance": 0.0, "transition_guidance": 0.0}) == "edis(unguided)"
+    assert arm({"edis": True, "state_source": "model"}) == "edis"
+    assert arm({"edis": True, "state_source": "positive"}) == "edis(states=positive)"  # not pooled with edis
+    assert arm({"edis": True, "state_source": "positive", "transition_guidance": 0.0}) == "edis(transition=0,states=positive)"
 
 
 def test_diagnostics_are_per_cycle_means_over_seeds(tmp_path):

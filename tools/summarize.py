@@ -21,7 +21,7 @@ mean and std over seeds, cycle by cycle: what the learner consumes (guided and u
 model's inpainting at real (s, a), the real positive buffer), the energies' held-out losses, the
 guards.
 
-Usage: python summarize.py [ROOT] [--metric eval/success] [--group-by dataset,utd] [--plot curves.png] [--against edis]
+Usage: python tools/summarize.py [ROOT] [--metric eval/success] [--group-by dataset,utd] [--plot curves.png] [--against edis]
                            [--diagnostics]
 """
 from __future__ import annotations
@@ -73,9 +73,10 @@ def arm(cfg: dict) -> str:
     if not cfg.get("edis", True):
         return "no-edis"
     weights = [cfg.get(f"{k}_guidance", 1.0) for k in GUIDANCE]
+    states = [f"states={cfg['state_source']}"] if cfg.get("state_source", "model") != "model" else []
     if not any(weights):
-        return "edis(unguided)"
-    off = [f"{k}={w:g}" for k, w in zip(GUIDANCE, weights) if w != 1.0]
+        return f"edis({','.join(['unguided', *states])})"
+    off = [f"{k}={w:g}" for k, w in zip(GUIDANCE, weights) if w != 1.0] + states
     return f"edis({','.join(off)})" if off else "edis"
 
 

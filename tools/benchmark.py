@@ -1,20 +1,23 @@
 """Cost of each EDIS phase at a given size, measured on random data, and what one EDIS cycle and one
-learner update cost at the paper's settings. Usage: python benchmark.py [--device cuda] [--precision fp32]
+learner update cost at the paper's settings. Usage: python tools/benchmark.py [--device cuda] [--precision fp32]
 
 Every figure is a wall-clock time measured here (after a warm-up, with device syncs around each
 timed block, the minimum over repeats); the per-cycle lines multiply them by the cycle's counts."""
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 import tyro
 
-import common
-import edis_calql
-import edis_iql
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the scripts, from anywhere
+import common  # noqa: E402
+import edis_calql  # noqa: E402
+import edis_iql  # noqa: E402
 
 
 @dataclass

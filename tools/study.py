@@ -2,10 +2,10 @@
 
 One command runs the whole grid, N runs at a time, each on one torch thread:
 
-    python study.py                                  # everything, 2 runs at a time, under ~/edis_study
-    python study.py --only maze_iql,ablation --jobs 1
-    python study.py --dry-run                        # print the commands, run nothing
-    python summarize.py ~/edis_study --plot ~/edis_study/curves.png   # (also printed at the end)
+    python tools/study.py                                  # everything, 2 runs at a time, under ~/edis_study
+    python tools/study.py --only maze_iql,ablation --jobs 1
+    python tools/study.py --dry-run                        # print the commands, run nothing
+    python tools/summarize.py ~/edis_study --plot ~/edis_study/curves.png   # (also printed at the end)
 
 Every run writes to ROOT/GROUP/ARM/seedS (the script's --run-dir), with its stdout and stderr in
 stdout.log there. The command is resumable: a run whose stdout.log holds the `final:` line is
@@ -60,7 +60,8 @@ GROUPS = {  # name: (script, flags)
 }
 # unguided: all three guidance weights 0 (EDIS trains and samples as usual, without guidance)
 UNGUIDED = [arg for k in ("state", "policy", "transition") for arg in (f"--{k}-guidance", "0")]
-ARMS = {"edis": [], "no-edis": ["--no-edis"], "unguided": UNGUIDED}
+ARMS = {"edis": [], "no-edis": ["--no-edis"], "unguided": UNGUIDED,
+        "edis-positive-states": ["--state-source", "positive"]}
 DEFAULT_ARMS = "edis,no-edis"
 # The ablation: maze_iql with one energy's guidance off at a time (its full-EDIS and no-EDIS arms
 # are the maze_iql group's).
@@ -71,7 +72,7 @@ ABLATION_ARMS = {f"{k}0": [f"--{k}-guidance", "0"] for k in ("state", "policy", 
 ABLATION_ARMS["unguided"] = UNGUIDED
 
 THREADS = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]  # the scripts' folder: runs start there
 
 
 def grid(only: list[str], seeds: list[int], ablation_seeds: list[int],
@@ -178,7 +179,7 @@ def main(argv=None):
         for proc, _ in running.values():
             proc.wait()
         sys.exit(130)
-    print(f"all done. Table and curves: python summarize.py {root} --plot {root / 'curves.png'}")
+    print(f"all done. Table and curves: python tools/summarize.py {root} --plot {root / 'curves.png'}")
 
 
 if __name__ == "__main__":
