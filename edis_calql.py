@@ -693,7 +693,8 @@ class CalQL:
         self.q_target = TwinQ(ds, da, args.hidden, args.q_hidden_layers).to(device)
         self.q_target.load_state_dict(self.q.state_dict())
         self.log_alpha = torch.zeros((), device=device, requires_grad=True)        # entropy temperature
-        self.log_alpha_prime = torch.zeros((), device=device, requires_grad=True)  # CQL Lagrange multiplier
+        # CQL Lagrange multiplier: log alpha' starts at 1 (alpha' = e), as in Cal-QL and CORL
+        self.log_alpha_prime = torch.ones((), device=device, requires_grad=True)
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr)
         self.q_opt = torch.optim.Adam(self.q.parameters(), lr=args.critic_lr)
         self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=args.actor_lr)
@@ -723,6 +724,9 @@ class CalQL:
         return gaps
 
     def update(self, b: dict) -> dict:
+        """One step of every parameter. As in Cal-QL and CORL, every loss is computed from the
+        parameters at the start of the update (the critic's next-state and CQL actions come from the
+        actor before its step), and only then is each stepped."""
         a = self.args
         s, act, r, s2, done, mc = b["obs"], b["actions"], b["rewards"], b["next_obs"], b["terminals"], b["mc_return"]
         # policy and entropy temperature
@@ -730,12 +734,6 @@ class CalQL:
         alpha_loss = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
         alpha = self.log_alpha.exp().detach()
         actor_loss = (alpha * logp - torch.min(*self.q(s, new_a))).mean()
-        self.actor_opt.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        self.actor_opt.step()
-        self.alpha_opt.zero_grad(set_to_none=True)
-        alpha_loss.backward()
-        self.alpha_opt.step()
 
         # Bellman target (no entropy bonus in the backup); max over sampled next actions if asked
         with torch.no_grad():
@@ -746,20 +744,23 @@ class CalQL:
         q_data = self.q(s, act)
         td_loss = F.mse_loss(q_data[0], target) + F.mse_loss(q_data[1], target)
         gaps = self.cql_gaps(s, s2, q_data, mc)
+        steps = [(self.actor_opt, actor_loss), (self.alpha_opt, alpha_loss)]
         if a.cql_lagrange:  # alpha' grows while the gap exceeds its target, shrinks below it
             alpha_prime = self.log_alpha_prime.exp().clamp(0.0, 1e6)
             cql_loss = sum(alpha_prime.detach() * self.cql_alpha * (g - a.cql_target_action_gap) for g in gaps)
             alpha_prime_loss = -0.5 * sum(alpha_prime * self.cql_alpha * (g.detach() - a.cql_target_action_gap) for g in gaps)
-            self.alpha_prime_opt.zero_grad(set_to_none=True)
-            alpha_prime_loss.backward()
-            self.alpha_prime_opt.step()
+            steps.append((self.alpha_prime_opt, alpha_prime_loss))
         else:
             alpha_prime = torch.ones((), device=s.device)
             cql_loss = self.cql_alpha * sum(gaps)
         q_loss = td_loss + cql_loss
-        self.q_opt.zero_grad(set_to_none=True)
-        q_loss.backward()
-        self.q_opt.step()
+        steps.append((self.q_opt, q_loss))
+
+        # the actor loss's backward also reaches Q: the critic's zero_grad drops that, and Q steps last
+        for opt, loss in steps:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
         with torch.no_grad():  # soft target update, one fused call
             torch._foreach_lerp_(list(self.q_target.parameters()), list(self.q.parameters()), a.tau)
         return {"losses/q_td": td_loss.detach(), "losses/cql": cql_loss.detach(), "losses/actor": actor_loss.detach(),
@@ -849,8 +850,8 @@ def preset_defaults(env: str, dataset: str | None, preset: str) -> dict:
     if src.family in common.MAZE_FAMILIES:  # sparse reward: r - 1, max-target backup, clipped CQL difference
         d.update(cql_max_target_backup=True, cql_clip_diff_min=-200.0, normalize_states=False)
         d.setdefault("eval_episodes", 100)
-    if src.family == "adroit":
-        d.update(normalize_states=False)
+    if src.family == "adroit":  # raw states; max-target backup and clipped CQL difference (EDIS, CORL configs)
+        d.update(cql_max_target_backup=True, cql_clip_diff_min=-200.0, normalize_states=False)
     return d
 
 

@@ -3,6 +3,7 @@
 Expected numbers come from direct loops over hand-built data (Monte-Carlo returns, the
 importance-sampled CQL logsumexp), closed forms (tanh-Gaussian log density, Adam's first step,
 the mean of the max of n tanh-normal draws by quadrature) and the preset table of docs/design.md §8."""
+import copy
 import math
 import signal
 import sys
@@ -257,11 +258,23 @@ def test_lagrange_multiplier_moves_toward_the_target_gap(lagrange, target):
             trace.append(learner.log_alpha_prime.item())
     steps = np.diff(trace)
     if not lagrange:
-        assert trace == [0.0] * 5
+        assert trace == [1.0] * 5
     elif target < 0:  # gap (O(1)) >> -1000
         assert steps[0] == pytest.approx(1e-3, rel=1e-3) and np.all(steps > 0)
     else:
         assert steps[0] == pytest.approx(-1e-3, rel=1e-3) and np.all(steps < 0)
+
+
+def test_lagrange_multiplier_starts_at_e():
+    """log alpha' starts at 1.0 (alpha' = e), as in Cal-QL and CORL, and the first update's CQL
+    weight is e cql_alpha. Catches the start at log alpha' = 0 (alpha' = 1: a CQL weight 2.7x weaker)."""
+    torch.manual_seed(0)
+    with one_thread():
+        learner = CalQL(3, 2, Args(hidden=16, cql_lagrange=True, cql_alpha=5.0), CPU)
+        assert learner.log_alpha_prime.item() == 1.0
+        m = learner.update(random_batch(32, 3, 2))
+    assert m["values/alpha_prime"].item() == pytest.approx(math.e, rel=1e-6)
+    assert m["losses/cql"].item() == pytest.approx(math.e * 5.0 * (2 * m["values/cql_gap"].item() - 2 * 0.8), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,6 +432,53 @@ def test_bellman_target_min_twin_max_over_sampled_next_actions(max_backup, monke
     assert abs(other - mean) > 20 * math.sqrt(var / len(next_q))  # the two cases are told apart
 
 
+@pytest.mark.parametrize("lagrange", [True, False], ids=["lagrange", "fixed_alpha"])
+def test_every_loss_uses_the_actor_before_its_step(lagrange, monkeypatch):
+    """Cal-QL and CORL compute every loss at the parameters of the update's start: the actor's own
+    sample, the critic's next-state actions and both sets of CQL policy actions all come from the
+    actor as it was before its step. An actor learning rate of 100 makes its step drastic (Adam's
+    first step moves each weight by ~100), so the two orders differ grossly. Checked two ways: the
+    actor's weights at each of its 4 sampling calls, and the Bellman target the critic used
+    (recorded from mse_loss) against the one replayed, same seed, with a copy of the learner taken
+    before the update. Catches the actor (or the temperature) stepped before the critic's samples."""
+    torch.manual_seed(0)
+    n, gamma = 4, 0.9
+    args = Args(hidden=16, actor_lr=100.0, cql_n_actions=n, cql_max_target_backup=True, gamma=gamma,
+                cql_lagrange=lagrange)
+    rec, seen = RecordingF(), []
+    flat = lambda m: nn.utils.parameters_to_vector(m.parameters()).detach().clone()  # noqa: E731
+    with one_thread():
+        learner = CalQL(3, 2, args, CPU)
+        before = copy.deepcopy(learner)
+        b = random_batch(64, 3, 2, seed=4)
+
+        def recording_rsample(s):
+            seen.append(flat(learner.actor))
+            return TanhGaussianActor.rsample(learner.actor, s)
+
+        learner.actor.rsample = recording_rsample
+        monkeypatch.setattr(edis_calql, "F", rec)
+        torch.manual_seed(7)
+        learner.update(b)
+
+        def replayed_target(lrn):  # the update's random draws, in its order: actor loss, then target
+            torch.manual_seed(7)
+            with torch.no_grad():
+                TanhGaussianActor.rsample(lrn.actor, b["obs"])
+                s2 = b["next_obs"].repeat_interleave(n, 0)
+                a2, _ = TanhGaussianActor.rsample(lrn.actor, s2)
+                next_q = torch.min(*before.q_target(s2, a2)).reshape(-1, n).max(1).values
+            return b["rewards"] + gamma * (1 - b["terminals"]) * next_q
+
+        expected, after_step = replayed_target(before), replayed_target(learner)
+    start = flat(before.actor)
+    assert (flat(learner.actor) - start).abs().max() > 10  # the actor did change drastically
+    assert len(seen) == 4 and all(torch.equal(w, start) for w in seen)
+    assert len(rec.targets) == 2
+    torch.testing.assert_close(rec.targets[0], expected, rtol=0, atol=1e-6)
+    assert (after_step - expected).abs().max() > 0.1  # the post-step actor would give another target
+
+
 # ---------------------------------------------------------------------------------------------
 # Presets (docs/design.md §8 table, typed in from it)
 # ---------------------------------------------------------------------------------------------
@@ -447,6 +507,16 @@ def test_preset_matches_spec_table(env):
     d = edis_calql.preset_defaults(env, None, "paper")
     assert (d["generated_ratio"], d["cql_alpha"], d["cql_alpha_online"], d["q_hidden_layers"]) == \
         (ratio, alpha, alpha_online, layers)
+
+
+@pytest.mark.parametrize("env", ["pen-human-v1", "door-human-v1", "relocate-human-v1", "pen-cloned-v1"])
+def test_adroit_presets_use_max_target_backup_and_clip(env):
+    """The public EDIS Cal-QL configs for pen, door and relocate (and CORL's Adroit configs) set the
+    max-target backup and clip the CQL difference below at -200; states stay raw. Checked on the
+    parsed configuration (what main runs with). Catches Adroit left at the locomotion defaults
+    (single-sample backup, no clip)."""
+    c = parsed("--env", env)
+    assert (c.cql_max_target_backup, c.cql_clip_diff_min, c.normalize_states) == (True, -200.0, False)
 
 
 def test_preset_family_settings():
