@@ -241,21 +241,22 @@ def info_nce(energies: Energies, pos, neg, sigma):
     """InfoNCE of every energy at once, -log softmax of the positive among 1 + K: pos (n, B, D),
     neg (n, B, K, D), all members of a group noised with the group's sigma (n, B, 1). Returns
     (loss, top-1 accuracy, offset), each (n,) on the device; offset is the mean square of the groups'
-    mean logits, which the loss cannot see (see OFFSET_WEIGHT)."""
+    mean negative logits, a level the loss cannot see (see OFFSET_WEIGHT)."""
     u = torch.cat([pos[:, :, None], neg], 2)
     n, B, G, D = u.shape
     sig = sigma[:, :, None].expand(n, B, G, 1)
     logits = energies((u + sig * torch.randn_like(u)).reshape(n, B * G, D), sig.reshape(n, B * G, 1)).reshape(n, B, G).float()
     return (-logits.log_softmax(-1)[..., 0].mean(1), (logits.argmax(-1) == 0).float().mean(1),
-            logits.mean(-1).pow(2).mean(1))
+            logits[..., 1:].mean(-1).pow(2).mean(1))
 
 
 # InfoNCE is blind to a constant added to all logits of a group, so nothing holds the energies' level
 # (any c(sigma)) in place, and Adam turns rounding-size gradients along that direction into full
 # steps: warm-started over maze cycles, the transition energy's mean logit went -1 -> -13 -> -26 ->
 # -103 -> -174 while its informative spread stayed below 3, until bf16 rounding (0.27 at -174) swamped
-# the ratio and its loss rose above chance (design §3.4). A small pull of each group's mean logit
-# to 0 pins that level and leaves the ratio, which lives in the differences, alone.
+# the ratio and its loss rose above chance (design §3.4). A small pull of the mean logit of each
+# group's negatives (drawn from the model itself) to 0 pins that level and leaves the ratio, which
+# lives in the differences, alone; pulling the positive too shrank the ratio (wider guided actions).
 OFFSET_WEIGHT = 0.01
 
 
@@ -264,7 +265,7 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     if precision != "auto":
         return precision == "bf16"
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)  # native only: emulated bf16 is slower
     try:  # oneDNN's own check for native CPU bf16 (AVX512-BF16 / AMX)
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
