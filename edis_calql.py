@@ -401,21 +401,19 @@ class EDIS:
         the positive buffer's real states completed by the model, s known and the rest inpainted."""
         if self.args.state_source == "model":
             return self.sample(n, guided=guided, tick=tick)
-        x = self.to_x(self.positive_buffer.sample(n))
-        mask = (torch.arange(x.shape[1], device=self.device) < self.ds).expand_as(x)
-        return self.sample(n, guided=guided, known=(mask, x), tick=tick)
+        return self.inpaint([(self.to_x(self.positive_buffer.sample(n)), self.ds)], tick, guided)[0]
 
     def sampler_work(self, n: int, inpainted: bool = False) -> int:
         """Rows x sampler passes that sampling n rows takes (the progress bar's unit)."""
         return n * self.args.sample_steps * (2 if inpainted else 1)
 
-    def inpaint(self, jobs: list[tuple[torch.Tensor, int]], tick=None) -> list[torch.Tensor]:
+    def inpaint(self, jobs: list[tuple[torch.Tensor, int]], tick=None, guided: bool = False) -> list[torch.Tensor]:
         """Each job (x, k): complete the rows of x given their first k coordinates ([s] for k = ds,
-        [s, a] for k = ds + da). All jobs run as one batched sampler call."""
+        [s, a] for k = ds + da), guided or not. All jobs run as one batched sampler call."""
         x = torch.cat([v for v, _ in jobs])
         known = torch.cat([torch.full((len(v),), k, device=self.device) for v, k in jobs])
         mask = torch.arange(x.shape[1], device=self.device) < known[:, None]
-        return list(self.sample(len(x), known=(mask, x), tick=tick).split([len(v) for v, _ in jobs]))
+        return list(self.sample(len(x), guided=guided, known=(mask, x), tick=tick).split([len(v) for v, _ in jobs]))
 
     # --- energies ---
     def pool_work(self) -> int:

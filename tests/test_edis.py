@@ -853,6 +853,20 @@ def test_guard_falls_back_to_offline_data_when_guidance_leaves_the_data(edis_mod
         assert "offline data fills the generated share" in capsys.readouterr().out
 
 
+def test_positive_state_source_keeps_the_buffers_states_and_drops_the_state_energy(edis_mod):
+    """--state-source positive: every generated row's s is a positive-buffer state exactly (the rest is
+    the model's), and the state energy does not guide (its weight is 0)."""
+    torch.manual_seed(33)
+    edis, offline = tiny_edis(edis_mod, state_source="positive")
+    edis.positive_buffer.add(**offline.sample(60))
+    x = edis.generate(80, guided=True)
+    s_real = edis.to_x(edis.positive_buffer.all())[:, :2]
+    nearest = torch.cdist(x[:, :2], s_real, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+    assert (nearest < 1e-5).all()
+    assert (x[:, 2:] - edis.to_x(edis.positive_buffer.all())[:, 2:].mean(0)).abs().max() > 1e-3  # the rest generated
+    assert edis.weights.tolist() == [0.0, 1.0, 1.0]
+
+
 def test_state_dict_roundtrip_restores_sampling(edis_mod):
     """A checkpointed EDIS (model, EMA, energies, buffers, counters) samples exactly as the original."""
     torch.manual_seed(26)
