@@ -452,17 +452,36 @@ def pick_device(name: str) -> torch.device:
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation: all episodes in lockstep, one batched policy call per step
+# Evaluation: one batched policy call per step; episodes in the main process or in worker processes
 # ---------------------------------------------------------------------------------------------
 class Evaluator:
-    def __init__(self, env_fn, normalizer: Normalizer, episodes: int, seed: int, ref):
-        self.envs = [make_env(env_fn, normalizer, seed) for _ in range(episodes)]
-        self.seed, self.ref = seed, ref
+    """Episode i always starts from seed+i, so successive evaluations compare policies on the same
+    start states, and the result does not depend on `workers`:
+      workers = 1: all episodes in lockstep in this process;
+      workers = W > 1: W processes (gymnasium's AsyncVectorEnv), each taking the next episode when
+      its own ends. The policy sees only the live episodes' rows in both cases."""
+
+    def __init__(self, env_fn, normalizer: Normalizer, episodes: int, seed: int, ref, workers: int = 1):
+        from functools import partial
+        self.n, self.seed, self.ref = episodes, seed, ref
+        self.workers = max(1, min(workers, episodes))
+        if self.workers == 1:
+            self.envs = [make_env(env_fn, normalizer, seed) for _ in range(episodes)]
+        else:
+            self.vec = gym.vector.AsyncVectorEnv([partial(make_env, env_fn, normalizer, seed)] * self.workers,
+                                                 autoreset_mode=gym.vector.AutoresetMode.DISABLED)
 
     def __call__(self, policy) -> dict:
-        """policy: (n, ds) float32 array -> (n, da) actions. Episode i always starts from seed+i, so
-        successive evaluations compare policies on the same start states."""
-        n = len(self.envs)
+        """policy: (n, ds) float32 array -> (n, da) actions."""
+        ret, success = (self._serial if self.workers == 1 else self._parallel)(policy)
+        out = {"eval/return": float(ret.mean()), "eval/return_std": float(ret.std()),
+               "eval/success": float(success.mean())}
+        if self.ref is not None:
+            out["eval/normalized_score"] = normalized_score(out["eval/return"], self.ref)
+        return out
+
+    def _serial(self, policy):
+        n = self.n
         obs = np.stack([e.reset(seed=self.seed + i)[0] for i, e in enumerate(self.envs)])
         ret, success, alive = np.zeros(n), np.zeros(n), np.ones(n, bool)
         while alive.any():
@@ -473,11 +492,38 @@ class Evaluator:
                 obs[i], ret[i] = o, ret[i] + r
                 success[i] = max(success[i], float(info.get("success", 0.0)))
                 alive[i] = not (term or trunc)
-        out = {"eval/return": float(ret.mean()), "eval/return_std": float(ret.std()),
-               "eval/success": float(success.mean())}
-        if self.ref is not None:
-            out["eval/normalized_score"] = normalized_score(out["eval/return"], self.ref)
-        return out
+        return ret, success
+
+    def _parallel(self, policy):
+        w, vec = self.workers, self.vec
+        ep = np.arange(w)                            # the episode each worker runs; >= n: idle
+        obs, _ = vec.reset(seed=[self.seed + i for i in range(w)])
+        act = np.zeros(vec.action_space.shape, vec.action_space.dtype)
+        ret, success = np.zeros(self.n + w), np.zeros(self.n + w)  # idle workers' steps land past n
+        while (live := ep < self.n).any():
+            act[live] = policy(obs[live])            # idle workers step with a zero action
+            obs, r, term, trunc, info = vec.step(act)
+            ret[ep] += r
+            if "success" in info:
+                success[ep] = np.maximum(success[ep], np.where(info["_success"], info["success"], 0.0))
+            done = live & (term | trunc)
+            if done.any():
+                ep[done] = ep.max() + 1 + np.arange(done.sum())
+                fresh = done & (ep < self.n)
+                if fresh.any():
+                    o, _ = vec.reset(seed=[int(self.seed + e) if f else None for e, f in zip(ep, fresh)],
+                                     options={"reset_mask": fresh})
+                    obs[fresh] = o[fresh]
+        return ret[:self.n], success[:self.n]
+
+    def close(self):
+        for e in ([self.vec] if self.workers > 1 else self.envs):
+            e.close()
+
+
+def eval_workers(flag: int) -> int:
+    """--eval-workers 0: one worker per core beyond the main process's."""
+    return flag if flag > 0 else max(1, (os.cpu_count() or 1) - 1)
 
 
 def normalized_score(ret: float, ref: tuple[float, float]) -> float:
@@ -791,7 +837,8 @@ class Run:
               + "".join(f"{k}: {v}   " for k, v in (header or {}).items()).rstrip() + "\n"
               + (f"resuming {self.dir} at {self.counters}" if args.resume else
                  f"run dir: {self.dir}   (config.json has every flag; tensorboard --logdir {self.dir.parent})"), flush=True)
-        self.evaluator = Evaluator(task.eval_env_fn, obs_norm, args.eval_episodes, args.seed + 10_000, task.ref)
+        self.evaluator = Evaluator(task.eval_env_fn, obs_norm, args.eval_episodes, args.seed + 10_000, task.ref,
+                                   workers=eval_workers(args.eval_workers))
         self.bar = tqdm(total=args.offline_steps + args.online_steps, initial=self.step, dynamic_ncols=True, mininterval=1.0)
         self.stop_requested = False
         signal.signal(signal.SIGINT, self._request_stop)
@@ -853,6 +900,7 @@ class Run:
             self.save()
             self.bar.close()
             self.logger.close()
+            self.evaluator.close()
             print(f"interrupted at {self.counters}; checkpoint saved. Continue with: "
                   f"python {Path(sys.argv[0]).name} --resume {self.dir}")
             sys.exit(130)
@@ -873,6 +921,7 @@ class Run:
               f"return={e.get('eval/return', float('nan')):.2f} success={e.get('eval/success', float('nan')):.2f} "
               + (f"normalized_score={score:.1f}" if score is not None else "normalized_score=n/a (no reference scores)"))
         self.logger.close()
+        self.evaluator.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -968,6 +1017,8 @@ class RunArgs:
     """offline updates between evaluations (and checkpoints)"""
     eval_episodes: int = 10
     """episodes per evaluation (deterministic policy)"""
+    eval_workers: int = 0
+    """processes stepping the evaluation episodes: 1 = all in the main process; 0 = one per CPU core beyond the first (1 on a 2-core machine), at most --eval-episodes"""
     log_every: int = 1_000
     """learner updates between training-metric logs"""
     normalize_states: bool = True
@@ -1030,6 +1081,7 @@ def validate_args(args):
         (args.edis_every >= 1 and args.edis_start >= 1, "--edis-every and --edis-start must be >= 1"),
         (args.eval_every >= 1 and args.offline_eval_every >= 1, "--eval-every and --offline-eval-every must be >= 1"),
         (args.eval_episodes >= 1 and args.log_every >= 1, "--eval-episodes and --log-every must be >= 1"),
+        (args.eval_workers >= 0, f"--eval-workers must be >= 0 (0 = one per core), got {args.eval_workers}"),
         (args.sample_steps >= 2, "--sample-steps must be >= 2"),
         (min(args.num_generated, args.pool_size, args.gen_batch_size, args.positive_buffer_size, args.diag_samples) >= 10,
          "--num-generated, --pool-size, --gen-batch-size, --positive-buffer-size and --diag-samples must be >= 10"),

@@ -323,6 +323,42 @@ def test_evaluator_returns_success_and_lockstep():
     assert calls == expected_calls
 
 
+@pytest.mark.parametrize("workers", [2, 3])
+def test_parallel_evaluation_equals_serial(workers):
+    """Worker processes (AsyncVectorEnv) must give the serial evaluator's numbers: catches a worker
+    reset with the wrong episode's seed, rewards or success added for an idle or finished worker, an
+    episode run twice or skipped, and policy calls on rows that are not live episodes."""
+    norm = Normalizer(np.array([3.0], np.float32), np.array([2.0], np.float32))
+    seen = []
+
+    def policy(x):
+        s = np.round(x[:, 0] * 2.0 + 3.0)
+        seen.extend(s.astype(int).tolist())
+        return np.where(s % 2 == 0, 1.0, -1.0)[:, None].astype(np.float32)
+
+    make = lambda w: common.Evaluator(lambda: gym.make(COUNTDOWN), norm, episodes=7, seed=10, ref=(0.0, 5.0), workers=w)
+    serial, par = make(1), make(workers)
+    want = serial(policy)
+    seen.clear()
+    assert par(policy) == want and par(policy) == want
+    lengths = np.minimum(2 + np.arange(10, 17) % 4, 4)
+    assert sorted(seen) == sorted(2 * [s for s, k in zip(range(10, 17), lengths) for _ in range(k)])
+    serial.close(), par.close()
+
+
+def test_parallel_evaluation_same_returns_on_hopper():
+    """The same 6 Hopper episodes in the main process and in 4 workers give identical returns (a
+    row-wise policy, so the batch a row is in cannot change its action)."""
+    norm = Normalizer(np.zeros(11, np.float32), np.ones(11, np.float32))
+    policy = lambda x: np.tanh(0.7 * x[:, :3] - 0.3 * x[:, 3:6]).astype(np.float32)
+    out = []
+    for w in (1, 4):
+        ev = common.Evaluator(lambda: gym.make("Hopper-v4"), norm, episodes=6, seed=3, ref=None, workers=w)
+        out.append(ev(policy))
+        ev.close()
+    assert out[0] == out[1] and out[0]["eval/return_std"] > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Replay buffer
 # ---------------------------------------------------------------------------------------------

@@ -42,6 +42,12 @@ class Bench:
     """timed repetitions of each block (the minimum is reported)"""
     threads: int = 0
     """torch CPU threads (0: torch's default)"""
+    eval_env: str = "Ant-v4"
+    """env of the evaluation benchmark (Ant-v4: AntMaze's robot, dense reward): one evaluation of an untrained IQL actor, per worker count"""
+    eval_episodes: int = 10
+    """episodes of the evaluation benchmark (0: skip it)"""
+    eval_workers: tuple[int, ...] = (1, 2)
+    """worker counts to time the same evaluation with (1: in the main process), as --eval-workers"""
 
 
 def timed(fn, device, repeats: int) -> float:
@@ -56,6 +62,33 @@ def timed(fn, device, repeats: int) -> float:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def evaluation(b: Bench, device):
+    """The same episodes (same seeds, same policy) serially and in worker processes: wall time and
+    whether the returns agree."""
+    import gymnasium as gym
+    import numpy as np
+    common._register_robotics()
+    env = gym.make(b.eval_env)
+    ds, da = common.flatten_obs(env.reset(seed=0)[0]).shape[0], env.action_space.shape[0]
+    env.close()
+    torch.manual_seed(0)
+    actor = edis_iql.IQL(ds, da, edis_iql.Args(), device, 1).actor
+    norm = common.Normalizer(np.zeros(ds, np.float32), np.ones(ds, np.float32))
+
+    def policy(obs):
+        with torch.no_grad():
+            return actor.mode(torch.as_tensor(obs, device=device)).cpu().numpy()
+
+    print(f"evaluation: {b.eval_episodes} episodes of {b.eval_env}, an untrained IQL actor")
+    for w in b.eval_workers:
+        ev = common.Evaluator(lambda: gym.make(b.eval_env), norm, b.eval_episodes, 0, None, workers=w)
+        t = time.perf_counter()
+        out = ev(policy)
+        t = time.perf_counter() - t
+        ev.close()
+        print(f"  workers={w:<3d} {t:8.2f} s   return {out['eval/return']:.6f} (std {out['eval/return_std']:.6f})")
 
 
 def main(b: Bench):
@@ -112,6 +145,8 @@ def main(b: Bench):
     for k, v in cycle.items():
         print(f"  {k:45s} {v:10.1f} s")
     print(f"  {'total':45s} {sum(cycle.values()):10.1f} s")
+    if b.eval_episodes:
+        evaluation(b, device)
 
 
 if __name__ == "__main__":
