@@ -522,8 +522,9 @@ class Evaluator:
 
 
 def eval_workers(flag: int) -> int:
-    """--eval-workers 0: one worker per core beyond the main process's."""
-    return flag if flag > 0 else max(1, (os.cpu_count() or 1) - 1)
+    """--eval-workers 0: one worker per core this process may use (a Slurm job's share, not the
+    node's), beyond the main process's own."""
+    return flag if flag > 0 else max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def normalized_score(ret: float, ref: tuple[float, float]) -> float:

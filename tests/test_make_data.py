@@ -98,7 +98,7 @@ def test_scripts_run_on_the_files(made, script):
 @pytest.mark.parametrize("args, says", [(["--env", "Ant-v4"], "unknown --env 'Ant-v4'"),
                                         (["--max-steps", "0"], "--max-steps must be at least 1"),
                                         (["no-sb3"], "tools/make_data.py needs stable-baselines3: pip install -r "
-                                                     "tools/requirements-data.txt")])
+                                                     "tools/requirements.txt")])
 def test_bad_input_is_one_error_line(args, says, tmp_path, offline_dirs):
     if args == ["no-sb3"]:  # stable-baselines3 not installed: the tool says how to install it
         run = f"import sys, runpy; sys.modules['stable_baselines3'] = None; sys.argv = ['make_data.py', " \

@@ -2,6 +2,7 @@
 with a stand-in script in place of the training scripts."""
 import sys
 
+import pytest
 import study
 
 FAKE = """import sys, time
@@ -56,3 +57,48 @@ def test_study_runs_skips_finished_resumes_checkpointed(tmp_path, monkeypatch, c
     assert "4 finished already, 4 to run (1 resumed)" in out
     assert not stale.exists()
     assert "--resume" in (root / "bad/edis/seed0/stdout.log").read_text()
+
+
+PREEMPTIBLE = """import pathlib, signal, sys, time
+args = sys.argv[1:]
+if "--resume" in args:
+    print("final: env=x seed=0 edis=True return=2.00 success=1.00 normalized_score=n/a (resumed)")
+    sys.exit(0)
+run_dir = pathlib.Path(args[args.index("--run-dir") + 1])
+def save_and_stop(*_):  # as the scripts do on SIGTERM: save a checkpoint, exit
+    (run_dir / "checkpoint.pt").write_bytes(b"")
+    sys.exit(130)
+signal.signal(signal.SIGTERM, save_and_stop)
+print("started", flush=True)
+time.sleep(120)
+"""
+
+
+def test_tiny_grid_through_submitits_local_executor(tmp_path, monkeypatch, capsys):
+    """The cluster path (--executor slurm) run by submitit's local executor: every run of the grid
+    finishes as a job, and a preempted job is requeued and continues from its checkpoint with
+    --resume (catches a requeue that starts afresh, or none)."""
+    pytest.importorskip("submitit")
+    fake, slow = tmp_path / "fake.py", tmp_path / "slow.py"
+    fake.write_text(FAKE)
+    slow.write_text(PREEMPTIBLE)
+    monkeypatch.setattr(study, "GROUPS", {"g": (str(fake), ["--env", "E"])})
+    root = tmp_path / "study"
+    jobs = study.main(["--root", str(root), "--only", "g", "--seeds", "0,1", "--executor", "submitit-local",
+                       "--cpus", "1", "--time", "5", "--wait"])
+    out = capsys.readouterr().out
+    assert len(jobs) == 4 and out.count("success=0.50") == 4
+    assert all(study.final_line(root / f"g/{arm}/seed{s}") for arm in ("edis", "no-edis") for s in (0, 1))
+
+    # a job that runs out of time (Slurm's warning signal, sent here by submitit's local controller
+    # 5 s into a 1-minute limit) is requeued and continues from its checkpoint
+    import cloudpickle
+    import submitit
+    cloudpickle.register_pickle_by_value(study)
+    ex = submitit.LocalExecutor(folder=tmp_path / "requeue")
+    ex.update_parameters(timeout_min=1, signal_delay_s=55)
+    run_dir = root / "p/edis/seed0"
+    job = ex.submit(study.RunJob(str(run_dir), str(slow), ["--env", "E", "--seed", "0"]))
+    assert "(resumed)" in job.result()
+    log = (run_dir / "stdout.log").read_text()
+    assert "started" in log and "--resume" in log and (run_dir / "checkpoint.pt").exists()

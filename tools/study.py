@@ -1,11 +1,16 @@
-"""The CPU-scale study: EDIS against its base learner (--no-edis), same code, same data, same seeds.
+"""EDIS against its base learner (--no-edis), same code, same data, same seeds: the CPU-scale study
+here, and the paper's grid on a Slurm cluster.
 
-One command runs the whole grid, N runs at a time, each on one torch thread:
+One command runs a grid, N runs at a time, each on one torch thread:
 
-    python tools/study.py                                  # everything, 2 runs at a time, under ~/edis_study
+    python tools/study.py                                  # the CPU study, 2 runs at a time, under ~/edis_study
     python tools/study.py --only maze_iql,ablation --jobs 1
     python tools/study.py --dry-run                        # print the commands, run nothing
     python tools/summarize.py ~/edis_study --plot ~/edis_study/curves.png   # (also printed at the end)
+
+    # the paper's grid (every dataset with a paper preset x IQL, Cal-QL x EDIS, --no-edis x 5 seeds,
+    # paper sizes) as Slurm job arrays through submitit; preempted or timed-out jobs requeue and resume
+    python tools/study.py --only paper --executor slurm --partition gpu --gpus 1 --time 240 --root /scratch/edis
 
 Every run writes to ROOT/GROUP/ARM/seedS (the script's --run-dir), with its stdout and stderr in
 stdout.log there. The command is resumable: a run whose stdout.log holds the `final:` line is
@@ -51,13 +56,38 @@ SCHEDULE4 = ["--offline-steps", "5000", "--online-steps", "12000", "--eval-every
 LAYOUTS = {"umaze": ("PointMaze_UMaze-v3", "explore:20000"), "medium": ("PointMaze_Medium-v3", "explore:50000"),
            "large": ("PointMaze_Large-v3", "explore:100000")}
 
+# The locomotion study (issue "the paper's regime"): D4RL-style medium-replay / medium data made here by
+# tools/make_data.py (SAC), the paper's presets for the dataset (--env hopper-medium-replay-v2 picks
+# them), three EDIS cycles at online steps 2000, 5000 and 8000 of 10000 (5% of the paper's 200k).
+DATA_DIR = Path(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets")).expanduser() / "edis"
+LOCO = {"hopper_mr": "hopper-medium-replay", "hopper_m": "hopper-medium", "halfcheetah_mr": "halfcheetah-medium-replay"}
+SCHEDULE_LOCO = ["--offline-steps", "10000", "--online-steps", "10000", "--eval-every", "1000", "--eval-episodes", "10",
+                 "--offline-eval-every", "5000", "--edis-start", "2000", "--edis-every", "3000", "--log-every", "1000"]
+
 GROUPS = {  # name: (script, flags)
     "maze_iql": ("edis_iql.py", MAZE + SCHEDULE + EDIS_CPU + ["--expectile", "0.9"]),
     "maze_calql": ("edis_calql.py", MAZE + CALQL + EDIS_CPU),
     "hopper_iql": ("edis_iql.py", HOPPER + SCHEDULE + EDIS_CPU),
     **{f"{k}_iql4": ("edis_iql.py", ["--env", env, "--dataset", data, "--eval-episodes", "50"] + SCHEDULE4 + EDIS_CPU
                      + ["--expectile", "0.9"]) for k, (env, data) in LAYOUTS.items()},
+    **{f"{k}_iql": ("edis_iql.py", ["--env", f"{name}-v2", "--dataset", str(DATA_DIR / f"{name}.hdf5")] + SCHEDULE_LOCO
+                    + EDIS_CPU) for k, name in LOCO.items()},
 }
+
+
+def paper_groups() -> dict:
+    """The paper's grid: every dataset the scripts hold a paper preset for, each script at its
+    defaults (--preset paper: the paper's sizes, data downloaded on first use)."""
+    sys.path.insert(0, str(REPO))
+    import edis_calql
+    import edis_iql
+    out = {}
+    for script, mod in (("edis_iql.py", edis_iql), ("edis_calql.py", edis_calql)):
+        for name in mod.PRESETS:
+            env = f"{name}-v1" if name.startswith(("pen", "door", "hammer", "relocate")) else f"{name}-v2"
+            out[f"paper_{script[5:-3]}_{env}"] = (script, ["--env", env])
+    return out
+
 # unguided: all three guidance weights 0 (EDIS trains and samples as usual, without guidance)
 UNGUIDED = [arg for k in ("state", "policy", "transition") for arg in (f"--{k}-guidance", "0")]
 ARMS = {"edis": [], "no-edis": ["--no-edis"], "unguided": UNGUIDED,
@@ -79,8 +109,11 @@ def grid(only: list[str], seeds: list[int], ablation_seeds: list[int],
          arms: list[str] = DEFAULT_ARMS.split(",")) -> list[tuple[str, str, list[str]]]:
     """(name, script, flags) of every run, seed-major so that a partial study has whole seeds."""
     runs = []
+    groups = {**GROUPS, **(paper_groups() if any(g.startswith("paper") for g in only) else {})}
+    if "paper" in only:
+        only = [g for g in only if g != "paper"] + [g for g in groups if g.startswith("paper_")]
     for seed in sorted(set(seeds) | set(ablation_seeds)):
-        for group, (script, flags) in GROUPS.items():
+        for group, (script, flags) in groups.items():
             if group in only and seed in seeds:
                 runs += [(f"{group}/{arm}/seed{seed}", script, flags + ARMS[arm] + ["--seed", str(seed)])
                          for arm in arms]
@@ -111,58 +144,39 @@ def collect_data(runs):
     """Write each random:N / explore:N dataset once, before runs race to create it in parallel."""
     sys.path.insert(0, str(REPO))
     import common
-    for env, dataset in sorted({(f[f.index("--env") + 1], f[f.index("--dataset") + 1]) for _, _, f in runs}):
-        common.load_task(env, dataset)
+    made = {(f[f.index("--env") + 1], f[f.index("--dataset") + 1]) for _, _, f in runs if "--dataset" in f}
+    for env, dataset in sorted(made):
+        if dataset.startswith(("random:", "explore:")):
+            common.load_task(env, dataset)
+
+
+def start(run_dir: Path, cmd: list[str]) -> subprocess.Popen:
+    """Start one run, its output appended to run_dir/stdout.log (a run started but never
+    checkpointed starts afresh)."""
+    if "--resume" not in cmd and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **THREADS, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
+    with open(run_dir / "stdout.log", "a") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def stop(*_):
     raise KeyboardInterrupt
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", type=Path, default=Path("~/edis_study").expanduser(), help="where the runs go")
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time (each uses one thread)")
-    p.add_argument("--only", default="maze_iql,maze_calql,hopper_iql,ablation", help="comma-separated groups to run, of "
-                   + ", ".join([*GROUPS, "ablation"]))
-    p.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated arms of each group, of {', '.join(ARMS)}")
-    p.add_argument("--seeds", default="0,1,2,3,4", help="seeds of the EDIS / no-EDIS groups")
-    p.add_argument("--ablation-seeds", default="0,1,2,3,4", help="seeds of the ablation arms")
-    p.add_argument("--dry-run", action="store_true", help="print what would run and exit")
-    args = p.parse_args(argv)
-    only = args.only.split(",")
-    unknown = set(only) - {*GROUPS, "ablation"}
-    if unknown:
-        p.error(f"unknown group(s) {', '.join(sorted(unknown))}; choose from {', '.join([*GROUPS, 'ablation'])}")
-    arms = args.arms.split(",")
-    if set(arms) - set(ARMS):
-        p.error(f"unknown arm(s) {', '.join(sorted(set(arms) - set(ARMS)))}; choose from {', '.join(ARMS)}")
-    runs = grid(only, [int(s) for s in args.seeds.split(",") if s], [int(s) for s in args.ablation_seeds.split(",") if s], arms)
-    root = args.root.expanduser().resolve()
-    todo = [(name, root / name, cmd) for name, script, flags in runs if (cmd := command(root / name, script, flags))]
-    print(f"{len(runs)} runs under {root}: {len(runs) - len(todo)} finished already, {len(todo)} to run "
-          f"({sum('--resume' in c for *_, c in todo)} resumed), {args.jobs} at a time")
-    if args.dry_run:
-        for name, _, cmd in todo:
-            print(" ".join(Path(c).name if c == sys.executable else c for c in cmd))
-        return
-    collect_data(runs)
-    env = {**os.environ, **THREADS, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
+def run_local(todo, root: Path, jobs: int):
+    """Today's executor: a pool of `jobs` processes on this machine."""
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     finished = 0
     signal.signal(signal.SIGTERM, stop)
     try:
         while todo or running:
-            while todo and len(running) < args.jobs:
+            while todo and len(running) < jobs:
                 name, run_dir, cmd = todo.pop(0)
-                if "--resume" not in cmd and run_dir.exists():  # started but never checkpointed: afresh
-                    shutil.rmtree(run_dir)
-                run_dir.mkdir(parents=True, exist_ok=True)
-                with open(run_dir / "stdout.log", "a") as log:
-                    log.write(f"$ {' '.join(cmd)}\n")
-                    log.flush()
-                    running[name] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                                      start_new_session=True), time.time())
+                running[name] = (start(run_dir, cmd), time.time())
             time.sleep(0.5)
             for name, (proc, t0) in list(running.items()):
                 if proc.poll() is None:
@@ -179,6 +193,106 @@ def main(argv=None):
         for proc, _ in running.values():
             proc.wait()
         sys.exit(130)
+
+
+class RunJob:
+    """One run as a submitit job. On preemption or timeout, submitit calls checkpoint(): the run is
+    asked to stop (it saves a checkpoint, as on Ctrl-C) and the job is requeued; the requeued job
+    finds the checkpoint and continues with --resume."""
+
+    def __init__(self, run_dir: str, script: str, flags: list[str]):
+        self.run_dir, self.script, self.flags = Path(run_dir), script, flags
+        self.proc: subprocess.Popen | None = None
+
+    def __call__(self) -> str:
+        cmd = command(self.run_dir, self.script, self.flags)
+        if cmd is not None:
+            self.proc = start(self.run_dir, cmd)
+            while self.proc.poll() is None:  # not wait(): it would hold the lock checkpoint() needs
+                time.sleep(1.0)
+            if self.proc.returncode != 0:
+                raise RuntimeError(f"{self.run_dir}: exit {self.proc.returncode}, see {self.run_dir / 'stdout.log'}")
+        return final_line(self.run_dir)
+
+    def checkpoint(self):
+        import submitit
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return submitit.helpers.DelayedSubmission(RunJob(str(self.run_dir), self.script, self.flags))
+
+    def __getstate__(self):
+        return {**self.__dict__, "proc": None}
+
+
+def run_submitit(todo, root: Path, a) -> list:
+    """The grid as one job array through submitit: Slurm (`--executor slurm`) or, to try it on one
+    machine, submitit's local executor (`--executor submitit-local`). Waits for the jobs with --wait."""
+    try:
+        import cloudpickle
+        import submitit
+    except ImportError:
+        sys.exit("error: --executor slurm needs submitit: pip install -r tools/requirements.txt")
+    if __name__ != "__main__":  # imported (tests): ship this module's code with the jobs
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ex = submitit.AutoExecutor(folder=root / "submitit" / "%j", cluster="local" if a.executor == "submitit-local" else "slurm")
+    params = {"timeout_min": a.time, "name": "edis", "cpus_per_task": a.cpus}
+    if a.executor == "slurm":
+        params |= {"slurm_array_parallelism": a.jobs, "gpus_per_node": a.gpus, "slurm_max_num_timeout": 20,
+                   **({"slurm_partition": a.partition} if a.partition else {})}
+    ex.update_parameters(**params)
+    with ex.batch():
+        jobs = [ex.submit(RunJob(str(run_dir), script, flags)) for _, run_dir, script, flags in todo]
+    print(f"submitted {len(jobs)} job(s): {jobs[0].job_id if jobs else '-'}... logs under {root / 'submitit'}", flush=True)
+    if a.wait:
+        for (name, *_), job in zip(todo, jobs):
+            try:
+                print(f"{name}: {job.result()[len('final: '):]}", flush=True)
+            except Exception as e:  # noqa: BLE001 -- report every run
+                print(f"{name}: FAILED ({str(e).strip().splitlines()[-1]})", flush=True)
+    return jobs
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", type=Path, default=Path("~/edis_study").expanduser(), help="where the runs go")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (local: each on one thread; slurm: the array's parallelism)")
+    p.add_argument("--only", default="maze_iql,maze_calql,hopper_iql,ablation", help="comma-separated groups to run, of "
+                   + ", ".join([*GROUPS, "ablation"]) + ", and paper (the paper's grid: every paper_<learner>_<dataset> group)")
+    p.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated arms of each group, of {', '.join(ARMS)}")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="seeds of the EDIS / no-EDIS groups")
+    p.add_argument("--ablation-seeds", default="0,1,2,3,4", help="seeds of the ablation arms")
+    p.add_argument("--dry-run", action="store_true", help="print what would run and exit")
+    p.add_argument("--executor", choices=("local", "slurm", "submitit-local"), default="local",
+                   help="local: a process pool here; slurm: one submitit job array (needs tools/requirements.txt); "
+                        "submitit-local: the slurm path run by submitit on this machine, to try it")
+    p.add_argument("--partition", default=None, help="slurm: partition")
+    p.add_argument("--gpus", type=int, default=1, help="slurm: GPUs per job")
+    p.add_argument("--cpus", type=int, default=8, help="slurm / submitit-local: CPU cores per job (evaluation workers use them)")
+    p.add_argument("--time", type=int, default=240, help="slurm / submitit-local: minutes per job before it is requeued (it resumes)")
+    p.add_argument("--wait", action="store_true", help="slurm / submitit-local: wait for the jobs and print each final line")
+    args = p.parse_args(argv)
+    only = args.only.split(",")
+    unknown = {g for g in only if not g.startswith("paper")} - {*GROUPS, "ablation"}
+    if unknown:
+        p.error(f"unknown group(s) {', '.join(sorted(unknown))}; choose from {', '.join([*GROUPS, 'ablation', 'paper'])}")
+    arms = args.arms.split(",")
+    if set(arms) - set(ARMS):
+        p.error(f"unknown arm(s) {', '.join(sorted(set(arms) - set(ARMS)))}; choose from {', '.join(ARMS)}")
+    runs = grid(only, [int(s) for s in args.seeds.split(",") if s], [int(s) for s in args.ablation_seeds.split(",") if s], arms)
+    root = args.root.expanduser().resolve()
+    todo = [(name, root / name, script, flags) for name, script, flags in runs if command(root / name, script, flags)]
+    print(f"{len(runs)} runs under {root}: {len(runs) - len(todo)} finished already, {len(todo)} to run "
+          f"({sum((d / 'checkpoint.pt').exists() for _, d, *_ in todo)} resumed), {args.jobs} at a time")
+    if args.dry_run:
+        for _, run_dir, script, flags in todo:
+            print(" ".join(Path(c).name if c == sys.executable else c for c in command(run_dir, script, flags)))
+        return
+    if args.executor != "local":
+        return run_submitit(todo, root, args)
+    collect_data(runs)
+    run_local([(name, d, command(d, script, flags)) for name, d, script, flags in todo], root, args.jobs)
     print(f"all done. Table and curves: python tools/summarize.py {root} --plot {root / 'curves.png'}")
 
 
