@@ -112,3 +112,35 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+class HostSyncs:
+    """Counts, on the CPU, every op that on a GPU would make the host wait for the device: a tensor
+    turned into a Python value (`.item()`, `bool(t)`, `float(t)`: aten._local_scalar_dense) and ops
+    whose output size depends on the data (nonzero, masked_select, boolean-mask indexing). The
+    optimizers' step counters are host-side in non-capturable mode and are not counted.
+    Use: `with HostSyncs() as s: ...`, then `s.seen`: (op, [file:line of the repo's frames])."""
+
+    def __enter__(self):
+        import traceback
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+        aten = torch.ops.aten
+        syncing = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default}
+        seen = self.seen = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func in syncing or (func is aten.index.Tensor and any(i is not None and i.dtype == torch.bool
+                                                                         for i in args[1])):
+                    stack = traceback.extract_stack()
+                    if not any("/torch/optim/" in f.filename for f in stack):
+                        seen.append((str(func), [f"{Path(f.filename).name}:{f.lineno}" for f in stack
+                                                 if str(ROOT) in f.filename and "/tests/" not in f.filename]))
+                return func(*args, **(kwargs or {}))
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)

@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import common  # noqa: E402
-from conftest import one_thread  # noqa: E402
+from conftest import HostSyncs, one_thread  # noqa: E402
 
 # One thread: these networks are small, and on a busy 2-core machine two OpenMP threads per process
 # made the training tests 5-10x slower (spinning on contended cores) than one thread.
@@ -634,6 +634,38 @@ def test_sampler_has_no_host_sync(edis_mod):
             bool(torch.ones(()) > 0)
     assert [tuple(o.shape) for o in outs] == [(100, 6), (100, 6), (40, 6), (40, 6)]
     assert all(torch.isfinite(o).all() for o in outs)
+
+
+def test_no_host_sync_in_hot_paths(edis_mod):
+    """Nothing the GPU would have to stop for, counted at the op level (HostSyncs): the learner's
+    update (IQL; Cal-QL with and without the Lagrange weight and the max-target backup), a diffusion
+    training step with its EMA, the energies' training with its early stopping, guided sampling and
+    inpainting. The counter itself must see .item(), bool(t) and boolean-mask indexing."""
+    import edis_calql
+    import edis_iql
+    torch.manual_seed(21)
+    edis, offline = tiny_edis(edis_mod)
+    edis.positive_buffer.add(**offline.sample(100))
+    batch = {**offline.sample(32), "mc_return": torch.zeros(32)}
+    iql = edis_iql.IQL(2, 1, edis_iql.Args(), CPU, 10**6)
+    calqls = [edis_calql.CalQL(2, 1, edis_calql.Args(**kw), CPU) for kw in
+              ({}, dict(cql_lagrange=True, cql_max_target_backup=True, cql_clip_diff_min=-200.0))]
+    pools = edis.make_pools(iql.actor, [offline], [1.0])
+    units = {"IQL update": lambda: iql.update(batch),
+             **{f"Cal-QL update {i}": functools.partial(c.update, batch) for i, c in enumerate(calqls)},
+             "diffusion steps": lambda: edis.train_diffusion([offline], [1.0], 2),
+             "energy training": lambda: edis.train_energies(pools),
+             "guided sampling": lambda: edis.sample(20, guided=True),
+             "inpainting": lambda: edis.inpaint([(edis.to_x(offline.sample(20)), 2)])}
+    for name, unit in units.items():
+        unit()  # first call outside: lazy state (optimizer moments) is created here
+        with HostSyncs() as s:
+            unit()
+        assert s.seen == [], f"{name}: {s.seen}"
+    x = torch.ones(3)
+    with HostSyncs() as s:
+        x.sum().item(), bool(x.sum() > 0), x[x > 0]
+    assert len(s.seen) == 3
 
 
 def test_guide_is_weighted_gradient_clipped_per_sample(edis_mod):
