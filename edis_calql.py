@@ -698,6 +698,8 @@ class CalQL:
         self.q_opt = torch.optim.Adam(self.q.parameters(), lr=args.critic_lr)
         self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=args.actor_lr)
         self.alpha_prime_opt = torch.optim.Adam([self.log_alpha_prime], lr=args.critic_lr)
+        self.opts = (self.actor_opt, self.alpha_opt, self.q_opt) + ((self.alpha_prime_opt,) if args.cql_lagrange else ())
+        self.loss_fn = torch.compile(self.losses) if args.compile else self.losses
         self.target_entropy = -float(da)
         self.cql_alpha = args.cql_alpha  # switched to cql_alpha_online when the online phase starts
 
@@ -722,17 +724,18 @@ class CalQL:
             gaps.append(diff.clamp(min=a.cql_clip_diff_min).mean())
         return gaps
 
-    def update(self, b: dict) -> dict:
-        """One step of every parameter. As in Cal-QL and CORL, every loss is computed from the
-        parameters at the start of the update (the critic's next-state and CQL actions come from the
-        actor before its step), and only then is each stepped."""
+    def losses(self, b: dict):
+        """Every loss at the parameters of the start of the update, as in Cal-QL and CORL (the
+        critic's next-state and CQL actions come from the actor before its step): the actor, alpha,
+        alpha' (None without --cql-lagrange) and critic losses, and the logged values."""
         a = self.args
         s, act, r, s2, done, mc = b["obs"], b["actions"], b["rewards"], b["next_obs"], b["terminals"], b["mc_return"]
-        # policy and entropy temperature
+        # policy and entropy temperature; the actor's loss sees Q with its parameters held fixed
         new_a, logp = self.actor.rsample(s)
         alpha_loss = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
         alpha = self.log_alpha.exp().detach()
-        actor_loss = (alpha * logp - torch.min(*self.q(s, new_a))).mean()
+        q_fixed = {k: v.detach() for k, v in self.q.named_parameters()}
+        actor_loss = (alpha * logp - torch.min(*torch.func.functional_call(self.q, q_fixed, (s, new_a)))).mean()
 
         # Bellman target (no entropy bonus in the backup); max over sampled next actions if asked
         with torch.no_grad():
@@ -743,28 +746,32 @@ class CalQL:
         q_data = self.q(s, act)
         td_loss = F.mse_loss(q_data[0], target) + F.mse_loss(q_data[1], target)
         gaps = self.cql_gaps(s, s2, q_data, mc)
-        steps = [(self.actor_opt, actor_loss), (self.alpha_opt, alpha_loss)]
+        alpha_prime_loss = None
         if a.cql_lagrange:  # alpha' grows while the gap exceeds its target, shrinks below it
             alpha_prime = self.log_alpha_prime.exp().clamp(0.0, 1e6)
             cql_loss = sum(alpha_prime.detach() * self.cql_alpha * (g - a.cql_target_action_gap) for g in gaps)
             alpha_prime_loss = -0.5 * sum(alpha_prime * self.cql_alpha * (g.detach() - a.cql_target_action_gap) for g in gaps)
-            steps.append((self.alpha_prime_opt, alpha_prime_loss))
         else:
             alpha_prime = torch.ones((), device=s.device)
             cql_loss = self.cql_alpha * sum(gaps)
-        q_loss = td_loss + cql_loss
-        steps.append((self.q_opt, q_loss))
+        logged = {"losses/q_td": td_loss.detach(), "losses/cql": cql_loss.detach(), "losses/actor": actor_loss.detach(),
+                  "values/q_data": q_data[0].detach().mean(), "values/alpha": alpha, "values/alpha_prime": alpha_prime.detach(),
+                  "values/cql_gap": (gaps[0] + gaps[1]).detach() / 2, "values/entropy": -logp.detach().mean()}
+        return actor_loss, alpha_loss, alpha_prime_loss, td_loss + cql_loss, logged
 
-        # the actor loss's backward also reaches Q: the critic's zero_grad drops that, and Q steps last
-        for opt, loss in steps:
+    def update(self, b: dict) -> dict:
+        """One step of every parameter, each from its loss at the starting parameters. Each loss
+        reaches only its own parameters (actor; alpha; alpha'; Q), so one backward of their sum
+        gives each exactly its own loss's gradient."""
+        actor_loss, alpha_loss, alpha_prime_loss, q_loss, logged = self.loss_fn(b)
+        for opt in self.opts:
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+        (actor_loss + alpha_loss + q_loss + (0.0 if alpha_prime_loss is None else alpha_prime_loss)).backward()
+        for opt in self.opts:
             opt.step()
         with torch.no_grad():  # soft target update, one fused call
-            torch._foreach_lerp_(list(self.q_target.parameters()), list(self.q.parameters()), a.tau)
-        return {"losses/q_td": td_loss.detach(), "losses/cql": cql_loss.detach(), "losses/actor": actor_loss.detach(),
-                "values/q_data": q_data[0].detach().mean(), "values/alpha": alpha, "values/alpha_prime": alpha_prime.detach(),
-                "values/cql_gap": (gaps[0] + gaps[1]).detach() / 2, "values/entropy": -logp.detach().mean()}
+            torch._foreach_lerp_(list(self.q_target.parameters()), list(self.q.parameters()), self.args.tau)
+        return logged
 
     def state_dict(self):
         return {**{k: getattr(self, k).state_dict() for k in

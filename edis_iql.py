@@ -660,8 +660,13 @@ class IQL:
         self.v_opt = torch.optim.Adam(self.v.parameters(), lr=args.lr)
         # One cosine schedule over offline and online updates together: it never restarts online.
         self.actor_sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.actor_opt, max(total_updates, 1))
+        self.opts = (self.v_opt, self.q_opt, self.actor_opt)
+        self.loss_fn = torch.compile(self.losses) if args.compile else self.losses
 
-    def update(self, b: dict) -> dict:
+    def losses(self, b: dict):
+        """The three losses at the current parameters. Each reaches only its own network (V; Q, with
+        the target net and V(s') held fixed; the actor, with the AWR weight held fixed), so one
+        backward of their sum gives each network exactly its own loss's gradient."""
         a = self.args
         s, act, r, s2, done = b["obs"], b["actions"], b["rewards"], b["next_obs"], b["terminals"]
         with torch.no_grad():
@@ -669,28 +674,25 @@ class IQL:
             next_v = self.v(s2).squeeze(-1)
         v = self.v(s).squeeze(-1)
         v_loss = expectile_loss(q_min - v, a.expectile)
-        self.v_opt.zero_grad(set_to_none=True)
-        v_loss.backward()
-        self.v_opt.step()
-
         target = r + a.gamma * (1 - done) * next_v
         q1, q2 = self.q(s, act)
         q_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
-        self.q_opt.zero_grad(set_to_none=True)
-        q_loss.backward()
-        self.q_opt.step()
-
         weight = torch.exp(a.beta * (q_min - v.detach())).clamp(max=100.0)  # AWR, clipped
         actor_loss = -(weight * self.actor.log_prob(s, act)).mean()
-        self.actor_opt.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        self.actor_opt.step()
-        self.actor_sched.step()
+        return v_loss, q_loss, actor_loss, q1.detach().mean(), v.detach().mean()
 
+    def update(self, b: dict) -> dict:
+        v_loss, q_loss, actor_loss, q_mean, v_mean = self.loss_fn(b)
+        for opt in self.opts:
+            opt.zero_grad(set_to_none=True)
+        (v_loss + q_loss + actor_loss).backward()
+        for opt in self.opts:
+            opt.step()
+        self.actor_sched.step()
         with torch.no_grad():  # soft target update, one fused call
-            torch._foreach_lerp_(list(self.q_target.parameters()), list(self.q.parameters()), a.tau)
+            torch._foreach_lerp_(list(self.q_target.parameters()), list(self.q.parameters()), self.args.tau)
         return {"losses/v": v_loss.detach(), "losses/q": q_loss.detach(), "losses/actor": actor_loss.detach(),
-                "values/q": q1.detach().mean(), "values/v": v.detach().mean()}
+                "values/q": q_mean, "values/v": v_mean}
 
     def state_dict(self):
         return {k: getattr(self, k).state_dict() for k in

@@ -42,6 +42,8 @@ class Bench:
     """timed repetitions of each block (the minimum is reported)"""
     threads: int = 0
     """torch CPU threads (0: torch's default)"""
+    compile: bool = False
+    """also time the learner updates under --compile (torch.compile; ~30 s of compiling each)"""
     eval_env: str = "Ant-v4"
     """env of the evaluation benchmark (Ant-v4: AntMaze's robot, dense reward): one evaluation of an untrained IQL actor, per worker count"""
     eval_episodes: int = 10
@@ -128,6 +130,11 @@ def main(b: Bench):
         "IQL update (batch 256)": timed(lambda: iql.update(batch), device, b.repeats),
         "Cal-QL update (batch 256)": timed(lambda: calql.update(batch), device, b.repeats),
     }
+    if b.compile:
+        iql_c = edis_iql.IQL(ds, da, edis_iql.Args(compile=True), device, 10**6)
+        calql_c = edis_calql.CalQL(ds, da, edis_calql.Args(compile=True), device)
+        r["IQL update, --compile"] = timed(lambda: iql_c.update(batch), device, b.repeats)
+        r["Cal-QL update, --compile"] = timed(lambda: calql_c.update(batch), device, b.repeats)
     params = sum(p.numel() for p in edis.model.parameters())
     print(f"device={device} threads={torch.get_num_threads()} precision={'bf16 autocast' if edis.bf16 else 'fp32'} "
           f"denoiser={b.diffusion_width}x{b.diffusion_depth} ({params / 1e6:.2f} M params) "
