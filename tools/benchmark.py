@@ -83,14 +83,46 @@ def evaluation(b: Bench, device):
         with torch.no_grad():
             return actor.mode(torch.as_tensor(obs, device=device)).cpu().numpy()
 
+    steps = [0]
+
+    def counted(obs):
+        steps[0] += len(obs)
+        return policy(obs)
+
     print(f"evaluation: {b.eval_episodes} episodes of {b.eval_env}, an untrained IQL actor")
+    per_step = {}
     for w in b.eval_workers:
         ev = common.Evaluator(lambda: gym.make(b.eval_env), norm, b.eval_episodes, 0, None, workers=w)
+        steps[0] = 0
         t = time.perf_counter()
-        out = ev(policy)
+        out = ev(counted)
         t = time.perf_counter() - t
         ev.close()
-        print(f"  workers={w:<3d} {t:8.2f} s   return {out['eval/return']:.6f} (std {out['eval/return_std']:.6f})")
+        per_step[w] = t / steps[0]
+        print(f"  workers={w:<3d} {t:8.2f} s  ({per_step[w] * 1e6:.0f} us per env step)   "
+              f"return {out['eval/return']:.6f} (std {out['eval/return_std']:.6f})")
+    return per_step
+
+
+def whole_run(r: dict, cycle_s: float, eval_per_step: dict):
+    """Expected wall time of `edis_iql.py --env antmaze-large-diverse-v2` (the paper preset: 1M
+    offline updates, 100k pretraining steps, 200k online steps, an EDIS cycle every 10k from 10k,
+    60 evaluations of 100 episodes of 1,000 steps) from the unit costs measured above. An estimate:
+    the evaluation unit's robot (Ant-v4) stands in for AntMaze, and nothing overlaps."""
+    a = edis_iql.Args()
+    cycles = len(range(a.edis_start, a.online_steps, a.edis_every))
+    evals = a.offline_steps // a.offline_eval_every + a.online_steps // a.eval_every
+    serial = eval_per_step[min(eval_per_step)]
+    parts = {"offline IQL updates": a.offline_steps * r["IQL update (batch 256)"],
+             "diffusion pretraining": a.diffusion_pretrain_steps * r["diffusion train step (batch 256)"],
+             "online steps (env step + IQL update)": a.online_steps * (serial + r["IQL update (batch 256)"]),
+             f"EDIS cycles ({cycles})": cycles * cycle_s}
+    print("a whole paper run (antmaze-large-diverse-v2, IQL), estimated from the units above:")
+    for k, v in parts.items():
+        print(f"  {k:45s} {v / 3600:10.2f} h")
+    for w, c in sorted(eval_per_step.items()):
+        t = evals * 100 * 1000 * c
+        print(f"  {f'{evals} evaluations, --eval-workers {w}':45s} {t / 3600:10.2f} h   total {(sum(parts.values()) + t) / 3600:.2f} h")
 
 
 def main(b: Bench):
@@ -116,9 +148,9 @@ def main(b: Bench):
 
     def energy_step():
         with edis.autocast():
-            losses, _ = edis.energy_losses(pools, 0, args.energy_batch_size)
+            losses, _, offsets = edis.energy_losses(pools, 0, args.energy_batch_size)
         edis.energy_opt.zero_grad()
-        losses.sum().backward()
+        (losses + edis_iql.OFFSET_WEIGHT * offsets).sum().backward()
         edis.energy_opt.step()
 
     r = {
@@ -153,7 +185,7 @@ def main(b: Bench):
         print(f"  {k:45s} {v:10.1f} s")
     print(f"  {'total':45s} {sum(cycle.values()):10.1f} s")
     if b.eval_episodes:
-        evaluation(b, device)
+        whole_run(r, sum(cycle.values()), evaluation(b, device))
 
 
 if __name__ == "__main__":
