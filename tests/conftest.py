@@ -115,9 +115,11 @@ def one_thread():
 
 
 class HostSyncs:
-    """Counts, on the CPU, every op that on a GPU would make the host wait for the device: a tensor
-    turned into a Python value (`.item()`, `bool(t)`, `float(t)`: aten._local_scalar_dense) and ops
-    whose output size depends on the data (nonzero, masked_select, boolean-mask indexing). The
+    """Counts, on the CPU, the ops that on a GPU make the host wait for the device: a tensor turned
+    into a Python value (`.item()`, `bool(t)`, `float(t)`: aten._local_scalar_dense) and ops whose
+    output size depends on the data (nonzero, masked_select, unique, repeat_interleave with tensor
+    repeats, boolean-mask indexing and assignment). Not seen: `.tolist()` and `.cpu()` / `.numpy()`
+    (on the CPU they dispatch nothing; test_sampler_has_no_host_sync patches them instead). The
     optimizers' step counters are host-side in non-capturable mode and are not counted.
     Use: `with HostSyncs() as s: ...`, then `s.seen`: (op, [file:line of the repo's frames])."""
 
@@ -126,13 +128,16 @@ class HostSyncs:
 
         from torch.utils._python_dispatch import TorchDispatchMode
         aten = torch.ops.aten
-        syncing = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default}
+        syncing = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+                   aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default,
+                   aten.repeat_interleave.Tensor}
         seen = self.seen = []
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func in syncing or (func is aten.index.Tensor and any(i is not None and i.dtype == torch.bool
-                                                                         for i in args[1])):
+                masked = func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default) and any(
+                    i is not None and i.dtype == torch.bool for i in args[1])
+                if func in syncing or masked:
                     stack = traceback.extract_stack()
                     if not any("/torch/optim/" in f.filename for f in stack):
                         seen.append((str(func), [f"{Path(f.filename).name}:{f.lineno}" for f in stack

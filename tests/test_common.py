@@ -4,9 +4,11 @@ All data is made by the tests (no download can happen: see conftest.py), and exp
 computed from what the tests wrote, from the environment itself, or by hand."""
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import gymnasium as gym
@@ -289,8 +291,13 @@ class Countdown(gym.Env):
 
 
 COUNTDOWN = "EdisTest/Countdown-v0"
-if COUNTDOWN not in gym.registry:
-    gym.register(COUNTDOWN, entry_point=Countdown, max_episode_steps=4)  # k=5 episodes are truncated
+
+
+def countdown():
+    """The env, registered first where needed (evaluation workers start as fresh processes)."""
+    if COUNTDOWN not in gym.registry:
+        gym.register(COUNTDOWN, entry_point=Countdown, max_episode_steps=4)  # k=5 episodes are truncated
+    return gym.make(COUNTDOWN)
 
 
 def test_evaluator_returns_success_and_lockstep():
@@ -309,7 +316,7 @@ def test_evaluator_returns_success_and_lockstep():
         calls.append(np.round(s).astype(int).tolist())
         return np.where(np.round(s) % 2 == 0, 1.0, -1.0)[:, None].astype(np.float32)
 
-    ev = common.Evaluator(lambda: gym.make(COUNTDOWN), norm, episodes=5, seed=10, ref=(0.0, 5.0))
+    ev = common.Evaluator(countdown, norm, episodes=5, seed=10, ref=(0.0, 5.0))
     out = ev(policy)
     assert out["eval/return"] == pytest.approx(lengths.mean())
     assert out["eval/return_std"] == pytest.approx(lengths.std())
@@ -336,14 +343,36 @@ def test_parallel_evaluation_equals_serial(workers):
         seen.extend(s.astype(int).tolist())
         return np.where(s % 2 == 0, 1.0, -1.0)[:, None].astype(np.float32)
 
-    make = lambda w: common.Evaluator(lambda: gym.make(COUNTDOWN), norm, episodes=7, seed=10, ref=(0.0, 5.0), workers=w)
+    make = lambda w: common.Evaluator(countdown, norm, episodes=7, seed=10, ref=(0.0, 5.0), workers=w)
     serial, par = make(1), make(workers)
     want = serial(policy)
     seen.clear()
     assert par(policy) == want and par(policy) == want
     lengths = np.minimum(2 + np.arange(10, 17) % 4, 4)
     assert sorted(seen) == sorted(2 * [s for s, k in zip(range(10, 17), lengths) for _ in range(k)])
+    if workers == 2:  # Ctrl-C reaches the whole process group: the workers must outlive it
+        for proc in par.vec.processes:
+            os.kill(proc.pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert all(proc.is_alive() for proc in par.vec.processes) and par(policy) == want
     serial.close(), par.close()
+
+
+def test_a_repeated_sigterm_still_stops_at_a_checkpoint():
+    """A cluster sends SIGTERM after its scheduler did: the second must not kill the run before it
+    saves (a second Ctrl-C still does, on purpose)."""
+    run = types.SimpleNamespace(stop_requested=False, bar=types.SimpleNamespace(write=lambda msg: None))
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *a: None)
+            common.Run._request_stop(run, sig, None)
+            assert run.stop_requested
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 def test_parallel_evaluation_same_returns_on_hopper():

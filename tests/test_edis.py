@@ -637,7 +637,7 @@ def test_sampler_has_no_host_sync(edis_mod):
 
 
 def test_no_host_sync_in_hot_paths(edis_mod):
-    """Nothing the GPU would have to stop for, counted at the op level (HostSyncs): the learner's
+    """No host-device sync, counted at the op level (HostSyncs, which says what it sees): the learner's
     update (IQL; Cal-QL with and without the Lagrange weight and the max-target backup), a diffusion
     training step with its EMA, the energies' training with its early stopping, guided sampling and
     inpainting. The counter itself must see .item(), bool(t) and boolean-mask indexing."""
@@ -665,7 +665,9 @@ def test_no_host_sync_in_hot_paths(edis_mod):
     x = torch.ones(3)
     with HostSyncs() as s:
         x.sum().item(), bool(x.sum() > 0), x[x > 0]
-    assert len(s.seen) == 3
+        x[x > 0] = 2.0
+        x.repeat_interleave(torch.tensor([1, 2, 0]))
+    assert len(s.seen) == 5, s.seen
 
 
 def test_guide_is_weighted_gradient_clipped_per_sample(edis_mod):

@@ -1,6 +1,6 @@
 """Make D4RL-style "medium" and "medium-replay" locomotion datasets with an online SAC agent.
 
-    pip install -r tools/requirements.txt       # stable-baselines3, needed by this tool only
+    pip install -r tools/requirements.txt       # the tools' packages (stable-baselines3 for this one)
     python tools/make_data.py                        # Hopper-v4 and HalfCheetah-v4, seed 0
     python tools/make_data.py --env Walker2d-v4 --seed 1 --out /data/edis-seed1
     python edis_iql.py --env Hopper-v4 --dataset ~/.d4rl/datasets/edis/hopper-medium.hdf5

@@ -163,7 +163,10 @@ def start(run_dir: Path, cmd: list[str]) -> subprocess.Popen:
     with open(run_dir / "stdout.log", "a") as log:
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # SIGUSR2 is submitit's warning on Slurm, which may signal every process of the job: the run
+        # and its evaluation workers ignore it, and RunJob.checkpoint stops the run with SIGTERM
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
 
 
 def stop(*_):
@@ -198,6 +201,9 @@ def run_local(todo, root: Path, jobs: int):
         sys.exit(130)
 
 
+SIGNAL_DELAY_S = 180  # Slurm warns a job this long before its time limit
+
+
 class RunJob:
     """One run as a submitit job. On preemption or timeout, submitit calls checkpoint(): the run is
     asked to stop (it saves a checkpoint, as on Ctrl-C) and the job is requeued; the requeued job
@@ -221,8 +227,8 @@ class RunJob:
         import submitit
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=120)
+            try:  # within submitit's warning time (SIGNAL_DELAY_S); a run that cannot stop in time
+                self.proc.wait(timeout=SIGNAL_DELAY_S - 30)  # (mid-cycle) resumes from its last checkpoint
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         return submitit.helpers.DelayedSubmission(RunJob(str(self.run_dir), self.script, self.flags))
@@ -244,7 +250,8 @@ def run_submitit(todo, root: Path, a) -> list:
     ex = submitit.AutoExecutor(folder=root / "submitit" / "%j", cluster="local" if a.executor == "submitit-local" else "slurm")
     params = {"timeout_min": a.time, "name": "edis", "cpus_per_task": a.cpus}
     if a.executor == "slurm":
-        params |= {"slurm_array_parallelism": a.jobs, "gpus_per_node": a.gpus, "slurm_max_num_timeout": 20,
+        params |= {"gpus_per_node": a.gpus, "slurm_max_num_timeout": 20, "slurm_signal_delay_s": SIGNAL_DELAY_S,
+                   **({"slurm_array_parallelism": a.jobs} if a.jobs else {}),
                    **({"slurm_partition": a.partition} if a.partition else {})}
     ex.update_parameters(**params)
     with ex.batch():
@@ -260,7 +267,8 @@ def run_submitit(todo, root: Path, a) -> list:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", type=Path, default=Path("~/edis_study").expanduser(), help="where the runs go")
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time (local: each on one thread; slurm: the array's parallelism)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs at a time (local: default 2, each on one thread; slurm: the array's parallelism, default no limit)")
     p.add_argument("--only", default="maze_iql,maze_calql,hopper_iql,ablation", help="comma-separated groups to run, of "
                    + ", ".join([*GROUPS, "ablation"]) + ", and paper (the paper's grid: every paper_<learner>_<dataset> group)")
     p.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated arms of each group, of {', '.join(ARMS)}")
@@ -277,25 +285,30 @@ def main(argv=None):
     p.add_argument("--wait", action="store_true", help="slurm / submitit-local: wait for the jobs and print each final line")
     args = p.parse_args(argv)
     only = args.only.split(",")
-    unknown = {g for g in only if not g.startswith("paper")} - {*GROUPS, "ablation"}
-    if unknown:
-        p.error(f"unknown group(s) {', '.join(sorted(unknown))}; choose from {', '.join([*GROUPS, 'ablation', 'paper'])}")
+    known = {*GROUPS, "ablation", "paper", *(paper_groups() if any(g.startswith("paper_") for g in only) else {})}
+    if set(only) - known:
+        p.error(f"unknown group(s) {', '.join(sorted(set(only) - known))}; choose from {', '.join([*GROUPS, 'ablation', 'paper'])}"
+                " or a paper_<learner>_<dataset> group (see --only paper --dry-run)")
     arms = args.arms.split(",")
     if set(arms) - set(ARMS):
         p.error(f"unknown arm(s) {', '.join(sorted(set(arms) - set(ARMS)))}; choose from {', '.join(ARMS)}")
     runs = grid(only, [int(s) for s in args.seeds.split(",") if s], [int(s) for s in args.ablation_seeds.split(",") if s], arms)
     root = args.root.expanduser().resolve()
     todo = [(name, root / name, script, flags) for name, script, flags in runs if command(root / name, script, flags)]
+    if args.jobs is None and args.executor == "local":
+        args.jobs = 2
     print(f"{len(runs)} runs under {root}: {len(runs) - len(todo)} finished already, {len(todo)} to run "
-          f"({sum((d / 'checkpoint.pt').exists() for _, d, *_ in todo)} resumed), {args.jobs} at a time")
+          f"({sum((d / 'checkpoint.pt').exists() for _, d, *_ in todo)} resumed), {args.jobs or 'all'} at a time")
     if args.dry_run:
         for _, run_dir, script, flags in todo:
             print(" ".join(Path(c).name if c == sys.executable else c for c in command(run_dir, script, flags)))
         return
+    collect_data(runs)
     if args.executor != "local":
         return run_submitit(todo, root, args)
-    collect_data(runs)
-    run_local([(name, d, command(d, script, flags)) for name, d, script, flags in todo], root, args.jobs)
+    # one evaluation process per run: the pool's runs each hold one core
+    run_local([(name, d, c if "--resume" in c else c + ["--eval-workers", "1"])
+               for name, d, script, flags in todo if (c := command(d, script, flags))], root, args.jobs)
     print(f"all done. Table and curves: python tools/summarize.py {root} --plot {root / 'curves.png'}")
 
 
