@@ -529,6 +529,7 @@ class EDIS:
         m.update(self.guard_samples(m))
         with timer("diagnostics"):
             m.update(self.diagnostics(policy, offline, diagnose))
+        m.update(self.check_pull(m))
         self.cycles += 1
         return m
 
@@ -564,6 +565,26 @@ class EDIS:
         return {"edis/fallback": 1.0}
 
     MAX_CLIP_RATE = 0.01  # a correct energy's guidance almost never reaches the clip (design §3.6)
+
+    def check_pull(self, m: dict) -> dict:
+        """Did the guidance do what it is for? Guided samples should be likelier under pi than the
+        unguided ones from the same noise (policy energy) and nearer the positive buffer's states
+        (state energy). If not, a warning: the learner trains on them all the same. (On
+        halfcheetah-medium-replay, where EDIS lost to its base learner, guided log pi stayed below
+        unguided in every cycle; docs/study.md.)"""
+        out, weak = {}, []
+        checks = (("policy", "policy_logprob", "log pi", 1.0), ("state", "state_mmd", "state MMD^2", -1.0))
+        for k, metric, label, sign in checks:
+            g, u = float(m[f"gen/guided_{metric}"]), float(m[f"gen/unguided_{metric}"])
+            guides = float(m.get(f"edis/{k}_guides", 1.0)) > 0
+            out[f"edis/{k}_pulls"] = float(sign * (g - u) > 0)
+            if guides and not out[f"edis/{k}_pulls"]:
+                weak.append(f"{label} {g:.3g} guided vs {u:.3g} unguided")
+        if weak:
+            common.warn(f"EDIS cycle {self.cycles + 1}: the guidance did not pull the samples towards the policy's "
+                        f"data ({'; '.join(weak)}); the learner trains on them all the same "
+                        f"(--generated-ratio {self.args.generated_ratio})")
+        return out
 
     @torch.no_grad()
     def diagnostics(self, policy, offline: Buffer, diagnose) -> dict:

@@ -850,6 +850,27 @@ def test_energy_level_stays_pinned_when_pools_cannot_be_told_apart(edis_mod):
     assert f.mean(1).abs().max() < 0.25, f.mean(1)
 
 
+def test_a_cycle_whose_guidance_did_not_pull_says_so(edis_mod, capsys):
+    """Guided samples no likelier under pi than unguided ones (halfcheetah-medium-replay's cycles),
+    or no nearer the positive buffer's states, get a warning line and a 0 in edis/{policy,state}_pulls;
+    an energy the guard switched off is not blamed; a cycle that pulled says nothing."""
+    edis, _ = tiny_edis(edis_mod, precision="fp32")
+    t = torch.tensor
+
+    def m(g_logp, u_logp, g_mmd, u_mmd, **extra):
+        return {"gen/guided_policy_logprob": t(g_logp), "gen/unguided_policy_logprob": t(u_logp),
+                "gen/guided_state_mmd": t(g_mmd), "gen/unguided_state_mmd": t(u_mmd), **extra}
+    assert edis.check_pull(m(-2.3, -4.2, 0.002, 0.009)) == {"edis/policy_pulls": 1.0, "edis/state_pulls": 1.0}
+    assert capsys.readouterr().out == ""
+    assert edis.check_pull(m(-6.96, -6.30, 0.002, 0.005)) == {"edis/policy_pulls": 0.0, "edis/state_pulls": 1.0}
+    said = capsys.readouterr().out
+    assert said.startswith("warning: EDIS cycle 1") and "log pi -6.96 guided vs -6.3 unguided" in said and "MMD" not in said
+    out = edis.check_pull(m(-6.96, -6.30, 0.009, 0.005, **{"edis/policy_guides": 0.0}))
+    assert out == {"edis/policy_pulls": 0.0, "edis/state_pulls": 0.0}
+    said = capsys.readouterr().out
+    assert "state MMD^2 0.009 guided vs 0.005 unguided" in said and "log pi" not in said
+
+
 def test_guard_turns_off_energies_that_fail_their_heldout_check(edis_mod, capsys):
     """An energy whose held-out loss at low sigma is not below chance (or not finite) stops guiding
     for the cycle, and the run says so; the guidance is then the other energies' alone."""

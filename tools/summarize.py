@@ -164,7 +164,8 @@ DIAGNOSTICS = (*(f"gen/{s}_{m}" for m in ("dynamics_mse", "dynamics_tail", "rewa
                  for s in SETS),
                *(f"gen/{s}_{m}" for m in ("policy_logprob", "state_mmd") for s in SETS[:2]),
                *(f"energy/{k}_heldout_loss_low_sigma" for k in GUIDANCE), "energy/transition_heldout_top1_low_sigma",
-               *(f"edis/{k}_guides" for k in GUIDANCE), "gen/guidance_clip_rate", "edis/fallback")
+               *(f"edis/{k}_guides" for k in GUIDANCE), "edis/policy_pulls", "edis/state_pulls",
+               "gen/guidance_clip_rate", "edis/fallback")
 
 
 def diagnostics(groups) -> list[str]:
