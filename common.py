@@ -1044,7 +1044,7 @@ class RunArgs:
     normalize_states: bool = True
     """standardize observations with the offline data's mean and std"""
     compile: bool = False
-    """torch.compile the learner's losses (forward and backward): fewer kernel launches on a GPU; 7-15 s of compiling at the start, 1.05x (IQL) to 1.16x (Cal-QL) on a CPU"""
+    """torch.compile the learner's losses (forward and backward): fewer kernel launches on a GPU; 7-14 s of compiling at the start, 1.05x (IQL) to 1.16x (Cal-QL) on a CPU"""
 
 
 # --preset quick: the whole pipeline (offline, pretraining, 3 EDIS cycles, evaluation) on Hopper

@@ -43,7 +43,7 @@ class Bench:
     threads: int = 0
     """torch CPU threads (0: torch's default)"""
     compile: bool = False
-    """also time the learner updates under --compile (torch.compile; ~30 s of compiling each)"""
+    """also time the learner updates under --compile (torch.compile; 7-14 s of compiling each on a quiet CPU)"""
     eval_env: str = "Ant-v4"
     """env of the evaluation benchmark (Ant-v4: AntMaze's robot, dense reward): one evaluation of an untrained IQL actor, per worker count"""
     eval_episodes: int = 10

@@ -231,7 +231,7 @@ class RunJob:
                 self.proc.wait(timeout=SIGNAL_DELAY_S - 30)  # (mid-cycle) resumes from its last checkpoint
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        return submitit.helpers.DelayedSubmission(RunJob(str(self.run_dir), self.script, self.flags))
+        return submitit.helpers.DelayedSubmission(self)  # pickled without the process (__getstate__)
 
     def __getstate__(self):
         return {**self.__dict__, "proc": None}
