@@ -456,17 +456,17 @@ class EDIS:
         return info_nce(self.energies, torch.stack(pos), torch.stack(neg), sigma)
 
     def train_energies(self, pools: dict, tick=None) -> dict:
-        """InfoNCE steps with early stopping: every tenth of the steps each energy's loss on the same
-        validation groups is compared with its best so far, and at the end each energy goes back to
-        its best weights. Warm-started from cycle to cycle on a few thousand rows, the energies
-        otherwise overfit: their held-out loss rose above chance while the training loss fell
-        (docs/design.md §3.4)."""
+        """InfoNCE steps with early stopping: every tenth of the steps (at least 25 apart) each
+        energy's loss on the same validation groups is compared with its best so far, and at the end
+        each energy goes back to its best weights. Warm-started from cycle to cycle on a few
+        thousand rows, the energies otherwise overfit: their held-out loss rose above chance while
+        the training loss fell (docs/design.md §3.4)."""
         steps, total = self.args.energy_steps, torch.zeros(len(ENERGY_NAMES), device=self.device)
         params = list(self.energies.parameters())  # each (n_energies, ...): member k is slice k
         best = [p.detach().clone() for p in params]
         best_loss = self.validation_loss(pools)
         best_step = torch.zeros(len(ENERGY_NAMES), device=self.device)
-        every = max(steps // 10, 1)
+        every = max(steps // 10, 25)  # a validation costs ~3 training steps: not after every few
         for step in range(1, steps + 1):
             with self.autocast():
                 losses, _, offsets = self.energy_losses(pools, 0, self.args.energy_batch_size)
