@@ -72,6 +72,9 @@ GROUPS = {  # name: (script, flags)
                      + ["--expectile", "0.9"]) for k, (env, data) in LAYOUTS.items()},
     **{f"{k}_iql": ("edis_iql.py", ["--env", f"{name}-v2", "--dataset", str(DATA_DIR / f"{name}.hdf5")] + SCHEDULE_LOCO
                     + EDIS_CPU) for k, name in LOCO.items()},
+    # Cal-QL on the same data and schedule, at the maze study's CPU size (batch 128, 4 CQL actions)
+    **{f"{k}_calql": ("edis_calql.py", ["--env", f"{name}-v2", "--dataset", str(DATA_DIR / f"{name}.hdf5")]
+                      + SCHEDULE_LOCO + EDIS_CPU + ["--cql-n-actions", "4", "--batch-size", "128"]) for k, name in LOCO.items()},
 }
 
 
