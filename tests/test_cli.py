@@ -556,3 +556,23 @@ def test_edis_and_no_edis_runs_of_a_seed_are_paired(script, runner):
     assert len(evals(shared(ra))) == 3  # offline steps 30 and 60, online step 50
     assert shared(ra) == shared(rb)
     assert evals(ra)[-1]["eval/return"] != evals(rb)[-1]["eval/return"]  # generated data changes the rest
+
+
+# ---------------------------------------------------------------------------------------------
+# tools/pool_lever.py on a finished run
+# ---------------------------------------------------------------------------------------------
+def test_pool_lever_variants_start_from_the_same_energies(runner, dirs):
+    """The pool-lever tool (docs/speed.md) retrains the energies from a run's checkpoint once per
+    variant and seed. Each must start from the same weights and optimizer moments: the same variant
+    and seed twice gives the same row (Adam's in-place moment updates once leaked into the saved
+    start, and later rows drifted)."""
+    p, run_dir = runner.get("edis_iql.py", "smoke")
+    assert p.returncode == 0, describe(p)
+    out = subprocess.run([sys.executable, "tools/pool_lever.py", str(run_dir), "--seeds", "0,0"], cwd=ROOT,
+                         env=child_env(dirs), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith("{")]
+    assert [r["variant"] for r in rows] == ["pool 2000, 2 passes"] * 2 + ["pool 1000, 2 passes"] * 2 + ["pool 2000, 1 pass"] * 2
+    for first, again in zip(rows[::2], rows[1::2]):
+        assert first == again
+    assert all(math.isfinite(v) for r in rows for k, v in r.items() if k not in ("variant", "seed"))
