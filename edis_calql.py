@@ -467,7 +467,7 @@ class EDIS:
         best = [p.detach().clone() for p in params]
         best_loss = self.validation_loss(pools)
         best_step = torch.zeros(len(ENERGY_NAMES), device=self.device)
-        every = max(steps // 10, 25)  # a validation costs ~3 training steps: not after every few
+        every = max(steps // 10, 25)  # a validation cost ~5 training steps in the smoke run
         for step in range(1, steps + 1):
             with self.autocast():
                 losses, _, offsets = self.energy_losses(pools, 0, self.args.energy_batch_size)
