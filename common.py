@@ -1114,6 +1114,9 @@ def validate_args(args):
          "--diffusion-width, --diffusion-depth, --energy-negatives and --energy-batch-size must be >= 1"),
         (min(args.diffusion_pretrain_steps, args.diffusion_finetune_steps, args.energy_steps) >= 0,
          "--diffusion-pretrain-steps, --diffusion-finetune-steps and --energy-steps must be >= 0"),
+        (args.transition_negatives != "same-sa" or args.pool_size >= 10 * args.energy_negatives,
+         f"--transition-negatives same-sa needs --pool-size >= 10 x --energy-negatives ({10 * args.energy_negatives}): "
+         f"the pool holds --energy-negatives inpaintings per real row"),
     ]
     for ok, msg in checks:
         if not ok:

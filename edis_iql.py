@@ -80,6 +80,10 @@ class EDISArgs:
     """Adam learning rate of the energies"""
     pool_size: int = 20_000
     """rows per energy pool drawn each cycle (unguided samples; state, policy and transition inpaintings)"""
+    transition_negatives: Literal["other-rows", "same-sa"] = "other-rows"
+    """the transition energy's negatives for a real row: the model's (r, s') inpainted at other real
+    rows' (s, a) (default), or K inpaintings at the row's own (s, a) as the reference code does
+    (same sampling cost, pool-size / K distinct real rows)"""
     state_guidance: float = 1.0
     """weight of the state energy in the guided score (0 turns it off)"""
     policy_guidance: float = 1.0
@@ -428,11 +432,14 @@ class EDIS:
         with_pi = unguided.clone()  # s from model samples, a+ ~ pi(.|s); (r, s') inpainted below
         s = unguided[:, :ds] * self.x_std[:ds] + self.x_mean[:ds]
         with_pi[:, ds:ds + da] = (policy.sample(s) - self.x_mean[ds:ds + da]) / self.x_std[ds:ds + da]
-        real_x = self.to_x(mixed_sample(real, shares, n))  # all real data obeys the true dynamics T
+        K = self.args.energy_negatives if self.args.transition_negatives == "same-sa" else 1
+        real_x = self.to_x(mixed_sample(real, shares, n // K))  # all real data obeys the true dynamics T
         jobs = {"state_positive": (self.to_x(self.positive_buffer.sample(n)), ds),  # s+ ~ d^pi; (a, r, s') inpainted
                 "policy_positive": (with_pi, ds + da),
-                "transition_negative": (real_x, ds + da)}  # the model's (r, s') given real (s, a)
+                "transition_negative": (real_x.repeat_interleave(K, 0), ds + da)}  # the model's (r, s') given real (s, a)
         pools = dict(zip(jobs, self.inpaint(list(jobs.values()), tick)), unguided=unguided, real=real_x)
+        if K > 1:  # same-sa: row i holds the K negatives of real row i
+            pools["transition_negative"] = pools["transition_negative"].reshape(len(real_x), K, -1)
         return {k: (v[: int(0.8 * len(v))], v[int(0.8 * len(v)):int(0.9 * len(v))], v[int(0.9 * len(v)):])
                 for k, v in pools.items()}
 
@@ -445,13 +452,15 @@ class EDIS:
     def energy_losses(self, pools: dict, split: int, batch: int, levels=None):
         """InfoNCE of the three energies on one batch each: one sigma per group, uniform over the
         queried levels (or `levels`); negatives are other rows of the negative pool (matching the
-        conditioning in distribution). Returns (losses, top-1, offsets), each (3,)."""
+        conditioning in distribution), or a pool of (rows, K, D) holds each positive's own K (same-sa).
+        Returns (losses, top-1, offsets), each (3,)."""
         levels = self.train_sigmas if levels is None else levels
         K, pos, neg = self.args.energy_negatives, [], []
         for p, q in self.PAIRS:
             pp, qq = pools[p][split], pools[q][split]
-            pos.append(pp[torch.randint(len(pp), (batch,), device=self.device)])
-            neg.append(qq[torch.randint(len(qq), (batch, K), device=self.device)])
+            i = torch.randint(len(pp), (batch,), device=self.device)
+            pos.append(pp[i])
+            neg.append(qq[i] if qq.dim() == 3 else qq[torch.randint(len(qq), (batch, K), device=self.device)])
         sigma = levels[torch.randint(len(levels), (len(pos), batch, 1), device=self.device)]
         return info_nce(self.energies, torch.stack(pos), torch.stack(neg), sigma)
 

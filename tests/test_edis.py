@@ -463,22 +463,30 @@ def test_state_guidance_reduces_mmd(edis_mod, policy_state_cycle):
 
 
 @ONE_SCRIPT
-def test_transition_energy_pulls_next_state_toward_dynamics(edis_mod):
+def transition_toy_cycle(edis_mod, **kw):
     """The model learned data whose next states follow the true dynamics s' = A s + B a e_1 in half
     the rows and a wrong one in the other half: it stands for a wrong p_theta(s'|s, a). Real data
-    (offline and online at the cycle) obeys the true dynamics. Transition guidance alone must bring
-    the generated s' to the true dynamics. The real rows' states are shifted (s_2 ~ N(0.7, 1)) from
-    the model's: the transition energy contrasts real rows with the model's inpainting *of those
-    same (s, a)*, so it learns T / p_theta(s'|s, a) only, and (s, a) keep the model's distribution."""
+    (offline and online at the cycle) obeys the true dynamics, and its states are shifted
+    (s_2 ~ N(0.7, 1)) from the model's. One cycle with transition guidance alone."""
     model = pretrain_toy(edis_mod, toy_rows(5000, wrong_frac=0.5), seed=13)
     real = functools.partial(toy_rows, s2_mean=0.7)
-    m, gen, unguided = run_toy_cycle(edis_mod, model, (0.0, 0.0, 1.0), toy_rows(2000), real, seed=14)
-    def err(b):
-        return b["next_obs"] - true_next(b["obs"], b["actions"])
+    return run_toy_cycle(edis_mod, model, (0.0, 0.0, 1.0), toy_rows(2000), real, seed=14, **kw)
 
-    def true_mode(e):  # share of rows nearer the true than the wrong dynamics
-        return (e[:, 0].abs() < WRONG_SHIFT / 2).float().mean()
-    e_gen, e_un = err(gen), err(unguided)
+
+def dynamics_err(b):
+    return b["next_obs"] - true_next(b["obs"], b["actions"])
+
+
+def true_mode(e):  # share of rows nearer the true than the wrong dynamics
+    return (e[:, 0].abs() < WRONG_SHIFT / 2).float().mean()
+
+
+def test_transition_energy_pulls_next_state_toward_dynamics(edis_mod):
+    """Transition guidance alone must bring the generated s' to the true dynamics. The transition
+    energy contrasts real rows with the model's inpainting at real (s, a) of other rows, so it learns
+    T / p_theta(s'|s, a) only, and (s, a) keep the model's distribution (not the real rows' shift)."""
+    m, gen, unguided = transition_toy_cycle(edis_mod)
+    e_gen, e_un = dynamics_err(gen), dynamics_err(unguided)
     assert abs(true_mode(e_un) - 0.5) < 0.1  # the model reproduces the mixture
     assert true_mode(e_gen) > 0.9, true_mode(e_gen)
     mse_gen, mse_un = (e_gen**2).sum(1).mean(), (e_un**2).sum(1).mean()
@@ -486,6 +494,22 @@ def test_transition_energy_pulls_next_state_toward_dynamics(edis_mod):
     s, da = gen["obs"], gen["actions"][:, 0] - gen["obs"][:, 0]
     assert (s.mean(0).abs() < 0.2).all() and ((s.std(0) - 1.0).abs() < 0.25).all(), (s.mean(0), s.std(0))
     assert abs(da.std() - 0.5) < 0.2, da.std()
+    assert m["energy/transition_heldout_top1"] > m["energy/chance_top1"]
+
+
+def test_same_sa_negatives_leave_states_and_actions_free():
+    """--transition-negatives same-sa (the reference code's choice): every negative of a group is
+    inpainted at the positive's own (s, a). InfoNCE sees an energy only up to a constant per group,
+    so the energy's dependence on (s, a) alone is left free, and its gradient moves s and a. On the
+    toy above (seeds 13/23/33) the guided a - s_1 spread was 0.83-0.91 against 0.66-0.67 with the
+    default negatives (data: 0.5), s_2's 1.19-1.30 against 1.01-1.05 (model: 1.0), and fewer samples
+    reached the true dynamics (0.86-0.94 against 0.95-0.99), at the same sampling cost (design §3.4).
+    It still pulls toward the dynamics; it bends (s, a) on the way."""
+    mod = importlib.import_module("edis_iql")  # the EDIS section is the same text in both scripts
+    m, gen, unguided = transition_toy_cycle(mod, transition_negatives="same-sa")
+    assert true_mode(dynamics_err(gen)) > 0.75 > true_mode(dynamics_err(unguided)) + 0.15
+    da = gen["actions"][:, 0] - gen["obs"][:, 0]
+    assert da.std() > 0.75, da.std()  # the default keeps it at 0.66-0.67 (its test allows up to 0.7)
     assert m["energy/transition_heldout_top1"] > m["energy/chance_top1"]
 
 
@@ -753,6 +777,38 @@ def test_pools_match_the_conditioning(edis_mod):
     assert nearest(cat["transition_negative"][:, ds + da:], real_all[:, ds + da:]).max() > 1e-3
     from_online = (cat["real"][:, 0] * edis.x_std[0] + edis.x_mean[0] > 50).float().mean()
     assert from_online == 0.25, from_online
+
+
+def test_same_sa_negatives_complete_their_own_positive(edis_mod):
+    """--transition-negatives same-sa: the pool holds K inpaintings per real row, each keeping that
+    row's (s, a) and completing (r, s') differently, at the default's sampling cost; energy_losses
+    pairs every positive with its own K."""
+    torch.manual_seed(23)
+    K = 5
+    edis, offline = tiny_edis(edis_mod, energy_negatives=K, transition_negatives="same-sa")
+    edis.positive_buffer.add(**offline.sample(100))
+    pools = edis.make_pools(LinearGaussianPolicy(), [offline], [1.0])
+    real, neg = (torch.cat(pools[k]) for k in ("real", "transition_negative"))
+    ds, da = 2, 1
+    D = len(edis.x_mean)
+    assert real.shape == (200 // K, D) and neg.shape == (200 // K, K, D)
+    assert [len(v) for v in pools["real"]] == [len(v) for v in pools["transition_negative"]]  # splits stay paired
+    assert (neg[:, :, : ds + da] - real[:, None, : ds + da]).abs().max() < 1e-5, "each negative keeps its row's (s, a)"
+    assert neg[:, :, ds + da:].std(1).min() > 1e-3, "the K completions differ"
+    # the transition group of a positive holds exactly its own negatives
+    seen = {}
+    real_fn = edis_mod.info_nce
+    try:
+        edis_mod.info_nce = lambda energies, pos, neg_, sigma: seen.update(pos=pos, neg=neg_) or (torch.zeros(3),) * 3
+        edis.energy_losses(pools, 0, 16)
+    finally:
+        edis_mod.info_nce = real_fn
+    pos_t, neg_t = seen["pos"][2], seen["neg"][2]
+    assert neg_t.shape == (16, K, D)
+    assert (neg_t[:, :, : ds + da] - pos_t[:, None, : ds + da]).abs().max() < 1e-5
+    with pytest.raises(common.UserError, match="same-sa needs --pool-size"):
+        common.validate_args(edis_mod.Args(pool_size=10 * K - 1, energy_negatives=K, transition_negatives="same-sa"))
+    common.validate_args(edis_mod.Args(pool_size=10 * K, energy_negatives=K, transition_negatives="same-sa"))
 
 
 def test_info_nce_is_softmax_cross_entropy_with_one_sigma_per_group(edis_mod):

@@ -1,4 +1,5 @@
-"""What the energy pools' size and inpainting passes do to the energies (docs/speed.md, "Pool levers").
+"""What the energy pools' size, inpainting passes and the transition energy's negatives do to the
+energies (docs/speed.md, "Pool levers"; docs/design.md §3.5).
 
 From the last checkpoint of a finished `edis_iql.py` run (its diffusion model, energies, policy and
 buffers), each variant makes fresh pools, trains the energies from the checkpoint's weights as a cycle
@@ -8,6 +9,7 @@ and what the guidance then does to 1,000 guided samples against unguided ones fr
 (log pi, state MMD^2 to the positive buffer, the simulator's dynamics error).
 
     python tools/pool_lever.py ~/edis_study/hopper_mr_iql/edis/seed0 --seeds 0,1,2
+    python tools/pool_lever.py RUN_DIR --variants default,same-sa
 """
 from __future__ import annotations
 
@@ -45,10 +47,10 @@ def rebuild(run_dir: Path):
     return args, edis, learner.actor, offline, online, check
 
 
-def pools_with(edis, policy, real, shares, size: int, passes: int, seed: int) -> dict:
+def pools_with(edis, policy, real, shares, size: int, passes: int, seed: int, negatives: str = "other-rows") -> dict:
     plain = edis_iql.heun_sample
     edis_iql.heun_sample = lambda *a, resample=1, **k: plain(*a, resample=min(resample, passes), **k)
-    edis.args.pool_size = size
+    edis.args.pool_size, edis.args.transition_negatives = size, negatives
     try:
         torch.manual_seed(seed)
         return edis.make_pools(policy, real, shares)
@@ -60,6 +62,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path, help="a finished edis_iql.py run (config.json, checkpoint.pt)")
     p.add_argument("--seeds", default="0,1,2", help="pool seeds per variant")
+    p.add_argument("--variants", default="default,half,one-pass",
+                   help="any of default (the run's pools), half (half the rows), one-pass (one inpainting pass), "
+                        "same-sa (the transition energy's negatives inpainted at the positive's own (s, a))")
     a = p.parse_args()
     torch.set_num_threads(1)
     args, edis, policy, offline, online, check = rebuild(a.run_dir)
@@ -67,16 +72,20 @@ def main():
     start = copy.deepcopy({"energies": edis.energies.state_dict(), "opt": edis.energy_opt.state_dict()})
     n = args.pool_size
     held = {k: (None, None, torch.cat(v)) for k, v in pools_with(edis, policy, real, shares, n, 2, 10_000).items()}
-    variants = {f"pool {n}, 2 passes": (n, 2), f"pool {n // 2}, 2 passes": (n // 2, 2), f"pool {n}, 1 pass": (n, 1)}
+    variants = {"default": (f"pool {n}, 2 passes", n, 2, "other-rows"), "half": (f"pool {n // 2}, 2 passes", n // 2, 2, "other-rows"),
+                "one-pass": (f"pool {n}, 1 pass", n, 1, "other-rows"), "same-sa": (f"pool {n}, same-(s, a) negatives", n, 2, "same-sa")}
+    unknown = set(a.variants.split(",")) - set(variants)
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join(variants)}")
     diagnose = lambda samples, states, cycle: {f"gen/{n}_{k}": v for n, b in samples.items() if n in ("guided", "unguided")  # noqa: E731
                                                for k, v in check(b).items() if k == "dynamics_mse"}
     print(f"{a.run_dir}: {args.env}, {edis.cycles} cycles; held-out loss / top-1 at sigma <= 0.1, chance "
           f"{torch.log(torch.tensor(1.0 + args.energy_negatives)):.2f} / {1 / (1 + args.energy_negatives):.2f}")
-    for name, (size, passes) in variants.items():
+    for name, size, passes, negatives in (variants[v] for v in a.variants.split(",")):
         for seed in map(int, a.seeds.split(",")):
             edis.energies.load_state_dict(start["energies"])
             edis.energy_opt.load_state_dict(copy.deepcopy(start["opt"]))  # Adam would update the saved moments in place
-            pools = pools_with(edis, policy, real, shares, size, passes, seed)
+            pools = pools_with(edis, policy, real, shares, size, passes, seed, negatives)
             m = edis.train_energies(pools)
             with torch.no_grad(), edis.autocast():
                 torch.manual_seed(0)
