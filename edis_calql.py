@@ -81,6 +81,11 @@ class EDISArgs:
     """Adam learning rate of the energies"""
     pool_size: int = 20_000
     """rows per energy pool drawn each cycle (unguided samples; state, policy and transition inpaintings)"""
+    state_negatives: Literal["inpainted", "unguided"] = "inpainted"
+    """the state energy's negatives: the model's (a, r, s') inpainted at its own sampled states, as its
+    positives are at the positive buffer's (the inpainting's bias cancels; default), or the unguided
+    samples themselves (one inpainting job fewer; the energy then also learns the bias, and its
+    gradient pulls actions away from pi: design §3.5)"""
     transition_negatives: Literal["other-rows", "same-sa"] = "other-rows"
     """the transition energy's negatives for a real row: the model's (r, s') inpainted at other real
     rows' (s, a) (default), or K inpaintings at the row's own (s, a) as the reference code does
@@ -421,7 +426,8 @@ class EDIS:
 
     # --- energies ---
     def pool_work(self) -> int:
-        return self.sampler_work(self.args.pool_size) + self.sampler_work(3 * self.args.pool_size, inpainted=True)
+        jobs = 4 if self.args.state_negatives == "inpainted" else 3
+        return self.sampler_work(self.args.pool_size) + self.sampler_work(jobs * self.args.pool_size, inpainted=True)
 
     def make_pools(self, policy, real: list[Buffer], shares: list[float], tick=None) -> dict:
         """The rows the three InfoNCE problems contrast (docs/design.md §3). Each energy's positives
@@ -438,17 +444,21 @@ class EDIS:
         jobs = {"state_positive": (self.to_x(self.positive_buffer.sample(n)), ds),  # s+ ~ d^pi; (a, r, s') inpainted
                 "policy_positive": (with_pi, ds + da),
                 "transition_negative": (real_x.repeat_interleave(K, 0), ds + da)}  # the model's (r, s') given real (s, a)
+        if self.args.state_negatives == "inpainted":  # the model's (a, r, s') at its own s: the positives' inpainting
+            jobs["state_negative"] = (unguided, ds)
         pools = dict(zip(jobs, self.inpaint(list(jobs.values()), tick)), unguided=unguided, real=real_x)
         if K > 1:  # same-sa: row i holds the K negatives of real row i
             pools["transition_negative"] = pools["transition_negative"].reshape(len(real_x), K, -1)
         return {k: (v[: int(0.8 * len(v))], v[int(0.8 * len(v)):int(0.9 * len(v))], v[int(0.9 * len(v)):])
                 for k, v in pools.items()}
 
-    # (positive pool, negative pool) per energy, in ENERGY_NAMES order. Unguided samples as the state
-    # and policy negatives: inpainting them from their own s or (s, a) as well (cancelling the
-    # inpainting's bias) cost 5/3 of the pool sampling and did no better on ground truth or on the
-    # quick run (design §3.5, §3.9).
-    PAIRS = (("state_positive", "unguided"), ("policy_positive", "unguided"), ("real", "transition_negative"))
+    @property
+    def pairs(self) -> tuple:
+        """(positive pool, negative pool) per energy, in ENERGY_NAMES order. The policy negatives are
+        the unguided samples themselves: inpainting them from their own (s, a) as well did no better
+        on ground truth or on the quick run (design §3.5)."""
+        state = "state_negative" if self.args.state_negatives == "inpainted" else "unguided"
+        return (("state_positive", state), ("policy_positive", "unguided"), ("real", "transition_negative"))
 
     def energy_losses(self, pools: dict, split: int, batch: int, levels=None):
         """InfoNCE of the three energies on one batch each: one sigma per group, uniform over the
@@ -457,7 +467,7 @@ class EDIS:
         Returns (losses, top-1, offsets), each (3,)."""
         levels = self.train_sigmas if levels is None else levels
         K, pos, neg = self.args.energy_negatives, [], []
-        for p, q in self.PAIRS:
+        for p, q in self.pairs:
             pp, qq = pools[p][split], pools[q][split]
             i = torch.randint(len(pp), (batch,), device=self.device)
             pos.append(pp[i])

@@ -755,10 +755,10 @@ def test_pools_match_the_conditioning(edis_mod):
     pools = edis.make_pools(LinearGaussianPolicy(), [offline, online], [0.75, 0.25])
     cat = {k: torch.cat(v) for k, v in pools.items()}
     ds, da = 2, 1
-    assert set(cat) == {"state_positive", "policy_positive", "transition_negative", "unguided", "real"}
+    assert set(cat) == {"state_positive", "state_negative", "policy_positive", "transition_negative", "unguided", "real"}
     assert all(len(v) == 200 for v in cat.values())
-    assert [p for p, _ in edis.PAIRS] == ["state_positive", "policy_positive", "real"]
-    assert [q for _, q in edis.PAIRS] == ["unguided", "unguided", "transition_negative"]
+    assert [p for p, _ in edis.pairs] == ["state_positive", "policy_positive", "real"]
+    assert [q for _, q in edis.pairs] == ["state_negative", "unguided", "transition_negative"]
 
     def nearest(x, ref):
         return torch.cdist(x, ref, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
@@ -766,6 +766,9 @@ def test_pools_match_the_conditioning(edis_mod):
     assert (nearest(cat["state_positive"][:, :ds], pos_s) < 1e-5).all(), "state positives keep s+ exactly"
     assert nearest(cat["state_positive"][:, ds:], edis.to_x(positive)[:, ds:]).max() > 1e-3, "(a, r, s') inpainted"
     assert (nearest(cat["policy_positive"][:, :ds], cat["unguided"][:, :ds]) < 1e-5).all(), "s from model samples"
+    # state negatives: the unguided samples' own s, (a, r, s') inpainted as the state positives' are
+    assert (cat["state_negative"][:, :ds] - cat["unguided"][:, :ds]).abs().max() < 1e-5
+    assert (cat["state_negative"][:, ds:] - cat["unguided"][:, ds:]).abs().max() > 1e-3
     s = cat["policy_positive"][:, :ds] * edis.x_std[:ds] + edis.x_mean[:ds]
     a = cat["policy_positive"][:, ds] * edis.x_std[ds] + edis.x_mean[ds]
     resid = (a - PI_GAIN * s[:, 0]) / PI_STD  # a+ ~ pi(.|s) of the same row: standard normal residual
@@ -898,7 +901,7 @@ def test_energy_level_stays_pinned_when_pools_cannot_be_told_apart(edis_mod):
     edis, _ = tiny_edis(edis_mod, ds=3, da=1, precision="bf16", energy_steps=1500, energy_batch_size=64)
     D = len(edis.x_mean)
     pools = {k: tuple(torch.randn(n, D) for n in (3000, 400, 400))
-             for k in ("state_positive", "policy_positive", "transition_negative", "unguided", "real")}
+             for k in ("state_positive", "state_negative", "policy_positive", "transition_negative", "unguided", "real")}
     with one_thread():
         edis.train_energies(pools)
         with torch.no_grad():

@@ -95,6 +95,9 @@ def paper_groups() -> dict:
 UNGUIDED = [arg for k in ("state", "policy", "transition") for arg in (f"--{k}-guidance", "0")]
 ARMS = {"edis": [], "no-edis": ["--no-edis"], "unguided": UNGUIDED,
         "edis-positive-states": ["--state-source", "positive"],
+        # the state energy's negatives inpainted at the model's own states (design §3.5), and the old way
+        "edis-inpainted-state-negatives": ["--state-negatives", "inpainted"],
+        "edis-unguided-state-negatives": ["--state-negatives", "unguided"],
         # the generated share of each batch at the paper's AntMaze value (0.1-0.2) instead of 0.5;
         # the baseline at the same share (it replays offline data there)
         "edis-ratio0.2": ["--generated-ratio", "0.2"], "no-edis-ratio0.2": ["--no-edis", "--generated-ratio", "0.2"]}
