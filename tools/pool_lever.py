@@ -4,7 +4,8 @@ energies (docs/speed.md, "Pool levers"; docs/design.md §3.5).
 From the last checkpoint of a finished `edis_iql.py` run (its diffusion model, energies, policy and
 buffers), each variant makes fresh pools, trains the energies from the checkpoint's weights as a cycle
 does, and is scored on what the issue names as quality: the energies' InfoNCE loss and top-1 on one
-common held-out pool (the run's --pool-size, two inpainting passes, its own seed),
+common held-out pool (the run's --pool-size, two inpainting passes, its own seed; each variant's
+state energy is scored against the state negatives it was trained with),
 and what the guidance then does to 1,000 guided samples against unguided ones from the same noise
 (log pi, state MMD^2 to the positive buffer, the simulator's dynamics error).
 
@@ -47,10 +48,12 @@ def rebuild(run_dir: Path):
     return args, edis, learner.actor, offline, online, check
 
 
-def pools_with(edis, policy, real, shares, size: int, passes: int, seed: int, negatives: str = "other-rows") -> dict:
+def pools_with(edis, policy, real, shares, seed: int, passes: int = 2, **overrides) -> dict:
+    """Fresh pools with `passes` inpainting passes and the EDIS flags in `overrides` (they stay set)."""
     plain = edis_iql.heun_sample
     edis_iql.heun_sample = lambda *a, resample=1, **k: plain(*a, resample=min(resample, passes), **k)
-    edis.args.pool_size, edis.args.transition_negatives = size, negatives
+    for k, v in overrides.items():
+        setattr(edis.args, k, v)
     try:
         torch.manual_seed(seed)
         return edis.make_pools(policy, real, shares)
@@ -63,17 +66,21 @@ def main():
     p.add_argument("run_dir", type=Path, help="a finished edis_iql.py run (config.json, checkpoint.pt)")
     p.add_argument("--seeds", default="0,1,2", help="pool seeds per variant")
     p.add_argument("--variants", default="default,half,one-pass",
-                   help="any of default (the run's pools), half (half the rows), one-pass (one inpainting pass), "
-                        "same-sa (the transition energy's negatives inpainted at the positive's own (s, a))")
+                   help="any of default (the defaults' pools at the run's size), half (half the rows), one-pass (one "
+                        "inpainting pass), same-sa (the transition energy's negatives inpainted at the positive's own "
+                        "(s, a)), unguided-state-negatives (the state energy's negatives: unguided samples)")
     a = p.parse_args()
     torch.set_num_threads(1)
     args, edis, policy, offline, online, check = rebuild(a.run_dir)
     real, shares = [offline, online], [1.0 - args.online_share, args.online_share]
     start = copy.deepcopy({"energies": edis.energies.state_dict(), "opt": edis.energy_opt.state_dict()})
     n = args.pool_size
-    held = {k: (None, None, torch.cat(v)) for k, v in pools_with(edis, policy, real, shares, n, 2, 10_000).items()}
-    variants = {"default": (f"pool {n}, 2 passes", n, 2, "other-rows"), "half": (f"pool {n // 2}, 2 passes", n // 2, 2, "other-rows"),
-                "one-pass": (f"pool {n}, 1 pass", n, 1, "other-rows"), "same-sa": (f"pool {n}, same-(s, a) negatives", n, 2, "same-sa")}
+    default = {"pool_size": n, "transition_negatives": "other-rows", "state_negatives": "inpainted"}
+    held = {k: (None, None, torch.cat(v)) for k, v in pools_with(edis, policy, real, shares, 10_000, **default).items()}
+    variants = {"default": (f"pool {n}, 2 passes", 2, {}), "half": (f"pool {n // 2}, 2 passes", 2, {"pool_size": n // 2}),
+                "one-pass": (f"pool {n}, 1 pass", 1, {}),
+                "same-sa": (f"pool {n}, same-(s, a) negatives", 2, {"transition_negatives": "same-sa"}),
+                "unguided-state-negatives": (f"pool {n}, unguided state negatives", 2, {"state_negatives": "unguided"})}
     unknown = set(a.variants.split(",")) - set(variants)
     if unknown:
         p.error(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join(variants)}")
@@ -81,11 +88,11 @@ def main():
                                                for k, v in check(b).items() if k == "dynamics_mse"}
     print(f"{a.run_dir}: {args.env}, {edis.cycles} cycles; held-out loss / top-1 at sigma <= 0.1, chance "
           f"{torch.log(torch.tensor(1.0 + args.energy_negatives)):.2f} / {1 / (1 + args.energy_negatives):.2f}")
-    for name, size, passes, negatives in (variants[v] for v in a.variants.split(",")):
+    for name, passes, overrides in (variants[v] for v in a.variants.split(",")):
         for seed in map(int, a.seeds.split(",")):
             edis.energies.load_state_dict(start["energies"])
             edis.energy_opt.load_state_dict(copy.deepcopy(start["opt"]))  # Adam would update the saved moments in place
-            pools = pools_with(edis, policy, real, shares, size, passes, seed, negatives)
+            pools = pools_with(edis, policy, real, shares, seed, passes, **{**default, **overrides})
             m = edis.train_energies(pools)
             with torch.no_grad(), edis.autocast():
                 torch.manual_seed(0)
@@ -94,6 +101,7 @@ def main():
             d = edis.diagnostics(policy, offline, diagnose)
             row = {"variant": name, "seed": seed, **{f"{k}_loss": round(float(loss[i]), 3) for i, k in enumerate(edis_iql.ENERGY_NAMES)},
                    **{f"{k}_top1": round(float(top1[i]), 3) for i, k in enumerate(edis_iql.ENERGY_NAMES)},
+                   "logpi_guided": round(float(d["gen/guided_policy_logprob"]), 3),
                    "logpi_pull": round(float(d["gen/guided_policy_logprob"] - d["gen/unguided_policy_logprob"]), 3),
                    "mmd_pull": round(float(d["gen/unguided_state_mmd"] - d["gen/guided_state_mmd"]), 4),
                    "dyn_guided": round(float(d["gen/guided_dynamics_mse"]), 4),
