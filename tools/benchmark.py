@@ -143,7 +143,7 @@ def main(b: Bench):
     calql = edis_calql.CalQL(ds, da, edis_calql.Args(), device)
     x = edis.to_x(offline.sample(b.batch))
     pools = {k: (torch.randn(b.batch, x.shape[1], device=device),) * 2
-             for k in ("state_positive", "policy_positive", "transition_negative", "unguided", "real")}
+             for k in ("state_positive", "state_negative", "policy_positive", "transition_negative", "unguided", "real")}
     batch = {**offline.sample(256), "mc_return": torch.zeros(256, device=device)}
 
     def energy_step():
@@ -174,7 +174,7 @@ def main(b: Bench):
     for k, v in r.items():
         print(f"  {k:45s} {v * 1e3:10.2f} ms")
     d = edis_iql.EDISArgs()  # the paper's cycle
-    n_inpainted = 3 * d.pool_size  # state, policy and transition inpaintings
+    n_inpainted = (4 if d.state_negatives == "inpainted" else 3) * d.pool_size  # state (+ its negatives), policy, transition
     cycle = {"diffusion fine-tune": d.diffusion_finetune_steps * r["diffusion train step (batch 256)"],
              "pools (unguided + inpainted)": d.pool_size * r["unguided sample"] + n_inpainted * r["inpainted sample"],
              "energy training": d.energy_steps * r["energy train step (3 x 256 groups x 11)"],
