@@ -424,9 +424,12 @@ class EDIS:
         return list(self.sample(len(x), guided=guided, known=(mask, x), tick=tick).split([len(v) for v, _ in jobs]))
 
     # --- energies ---
+    def inpainted_pools(self) -> int:
+        """Inpainted pools per cycle: state positives (and negatives), policy positives, transition negatives."""
+        return 4 if self.args.state_negatives == "inpainted" else 3
+
     def pool_work(self) -> int:
-        jobs = 4 if self.args.state_negatives == "inpainted" else 3
-        return self.sampler_work(self.args.pool_size) + self.sampler_work(jobs * self.args.pool_size, inpainted=True)
+        return self.sampler_work(self.args.pool_size) + self.sampler_work(self.inpainted_pools() * self.args.pool_size, inpainted=True)
 
     def make_pools(self, policy, real: list[Buffer], shares: list[float], tick=None) -> dict:
         """The rows the three InfoNCE problems contrast (docs/design.md §3). Each energy's positives

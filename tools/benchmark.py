@@ -174,7 +174,7 @@ def main(b: Bench):
     for k, v in r.items():
         print(f"  {k:45s} {v * 1e3:10.2f} ms")
     d = edis_iql.EDISArgs()  # the paper's cycle
-    n_inpainted = (4 if d.state_negatives == "inpainted" else 3) * d.pool_size  # state (+ its negatives), policy, transition
+    n_inpainted = edis.inpainted_pools() * d.pool_size  # the paper's state negatives: the default, as here
     cycle = {"diffusion fine-tune": d.diffusion_finetune_steps * r["diffusion train step (batch 256)"],
              "pools (unguided + inpainted)": d.pool_size * r["unguided sample"] + n_inpainted * r["inpainted sample"],
              "energy training": d.energy_steps * r["energy train step (3 x 256 groups x 11)"],

@@ -1,5 +1,5 @@
-"""What the energy pools' size, inpainting passes and the transition energy's negatives do to the
-energies (docs/speed.md, "Pool levers"; docs/design.md §3.5).
+"""What the energy pools' size, inpainting passes and the state and transition energies' negatives do
+to the energies (docs/speed.md, "Pool levers"; docs/design.md §3.4, §3.5).
 
 From the last checkpoint of a finished `edis_iql.py` run (its diffusion model, energies, policy and
 buffers), each variant makes fresh pools, trains the energies from the checkpoint's weights as a cycle
