@@ -21,15 +21,16 @@ KEYS = {"observations": np.float32, "actions": np.float32, "rewards": np.float32
 
 
 def tool(args, d):
-    return subprocess.run([sys.executable, str(TOOL), *args], cwd=ROOT, env=child_env(d), capture_output=True,
+    env = child_env(d) | ({"TMPDIR": str(d["tmp"])} if "tmp" in d else {})
+    return subprocess.run([sys.executable, str(TOOL), *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     base = tmp_path_factory.mktemp("make_data")
-    d = {"minari": base / "minari", "d4rl": base / "d4rl", "out": base / "out"}
-    d["minari"].mkdir(), d["d4rl"].mkdir()
+    d = {"minari": base / "minari", "d4rl": base / "d4rl", "out": base / "out", "tmp": base / "tmp"}
+    d["minari"].mkdir(), d["d4rl"].mkdir(), d["tmp"].mkdir()
     first = tool([*TINY, "--out", str(d["out"])], d)
     assert first.returncode == 0, describe(first)
     return d, first
@@ -61,6 +62,12 @@ def test_writes_d4rl_layout_files(made):
     with h5py.File(d["out"] / "hopper-medium.hdf5", "r") as f:
         assert "mean_return" in f.attrs and "normalized_score" in f.attrs
     assert first.stdout.count("steps/s") == 2  # one line per evaluation (steps 200, 400)
+
+
+def test_leaves_no_folder_in_tmp(made):
+    """SB3's default logger makes an empty SB3-<date> folder in the temp dir on every learn()."""
+    d, _ = made
+    assert not list(d["tmp"].glob("SB3-*")), sorted(p.name for p in d["tmp"].iterdir())
 
 
 def test_second_call_reuses_the_files(made):

@@ -149,6 +149,7 @@ def cached(paths, config: str) -> bool:
 def make(env_id: str, a: argparse.Namespace):
     from stable_baselines3 import SAC
     from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.logger import Logger
 
     name = env_name(env_id)
     target = TARGETS[name] if a.target is None else a.target
@@ -164,6 +165,7 @@ def make(env_id: str, a: argparse.Namespace):
     env, eval_env = Recorder(gym.make(env_id), a.max_steps), gym.make(env_id)
     model = SAC("MlpPolicy", env, learning_rate=3e-4, buffer_size=a.max_steps, learning_starts=a.learning_starts,
                 batch_size=256, policy_kwargs={"net_arch": [256, 256]}, seed=a.seed, device="cpu", verbose=0)
+    model.set_logger(Logger(None, []))  # SB3's default logger makes an empty /tmp/SB3-<date> folder per run
     log = {"score": float("nan"), "ret": float("nan")}
 
     class Evaluate(BaseCallback):
