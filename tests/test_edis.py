@@ -398,13 +398,19 @@ def pretrain_toy(edis_mod, rows, seed):
     return offline, {k: copy.deepcopy(getattr(edis, k).state_dict()) for k in ("model", "ema", "opt")}
 
 
-def run_toy_cycle(edis_mod, toy_model, weights, positive_rows, real_rows, seed, **kw):
-    """One EDIS.cycle with the given guidance weights, from the pretrained toy model (no fine-tuning).
-    Returns the cycle's metrics, the generated buffer and as many unguided samples (learner space)."""
+def toy_edis_from(edis_mod, toy_model, weights, **kw):
+    """A toy EDIS holding the pretrained toy model's diffusion weights and optimizer."""
     offline_model_data, state = toy_model
     edis = make_toy_edis(edis_mod, weights, offline_model_data, **kw)
     for k, v in state.items():
         getattr(edis, k).load_state_dict(v)
+    return edis
+
+
+def run_toy_cycle(edis_mod, toy_model, weights, positive_rows, real_rows, seed, **kw):
+    """One EDIS.cycle with the given guidance weights, from the pretrained toy model (no fine-tuning).
+    Returns the cycle's metrics, the generated buffer and as many unguided samples (learner space)."""
+    edis = toy_edis_from(edis_mod, toy_model, weights, **kw)
     torch.manual_seed(seed)
     edis.positive_buffer.add(**positive_rows)
     real_offline, online = toy_buffer(real_rows(4000)), toy_buffer(real_rows(1000))
@@ -538,9 +544,7 @@ def test_state_energy_leaves_actions_alone_where_inpainting_is_biased():
     assert slope_on_s1(unguided) > 0.85, slope_on_s1(unguided)  # the joint sampler keeps a | s
     assert slope_on_s1(gen) - slope_on_s1(unguided) > -0.12, (slope_on_s1(gen), slope_on_s1(unguided))
     # the toy bites: the inpainting the energy's positives come from is far off a | s
-    e = make_toy_edis(mod, (0.0, 0.0, 0.0), model[0], **kw)
-    for k, v in model[1].items():
-        getattr(e, k).load_state_dict(v)
+    e = toy_edis_from(mod, model, (0.0, 0.0, 0.0), **kw)
     (inpainted,) = e.inpaint([(e.to_x(rows(4000)), DS)])
     assert slope_on_s1({k: v.reshape(len(v), -1) for k, v in e.from_x(inpainted).items()}) < 0.6
 
