@@ -566,11 +566,12 @@ def test_pool_lever_variants_start_from_the_same_energies(runner, dirs):
     p, run_dir = runner.get("edis_iql.py", "smoke")
     assert p.returncode == 0, describe(p)
     out = subprocess.run([sys.executable, "tools/pool_lever.py", str(run_dir), "--seeds", "0,0",
-                          "--variants", "one-pass,same-sa"], cwd=ROOT,
+                          "--variants", "half,one-pass,unguided-state-negatives"], cwd=ROOT,
                          env=child_env(dirs), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith("{")]
-    assert [r["variant"] for r in rows] == ["pool 2000, 1 pass"] * 2 + ["pool 2000, same-(s, a) negatives"] * 2
+    assert [r["variant"] for r in rows] == (["pool 1000, 2 passes"] * 2 + ["pool 2000, 1 pass"] * 2
+                                            + ["pool 2000, unguided state negatives"] * 2)
     for first, again in zip(rows[::2], rows[1::2]):
         assert first == again
     assert all(math.isfinite(v) for r in rows for k, v in r.items() if k not in ("variant", "seed"))
@@ -578,15 +579,18 @@ def test_pool_lever_variants_start_from_the_same_energies(runner, dirs):
 
 def test_fidelity_tool_sees_a_better_trained_model(runner, dirs):
     """tools/fidelity.py pretrains a fresh denoiser on the run's data and checks its samples at each
-    budget: one row per budget, every check for both sets, and a model trained 10x longer must make
-    next states closer to the simulator's (at 20 steps the model is near its initialization)."""
+    budget: one row per budget, every check for both sets, a fresh model of the asked width (not the
+    run's trained one), and a model trained 10x longer must make next states closer to the simulator's
+    (at 20 steps the model is near its initialization)."""
     p, run_dir = runner.get("edis_iql.py", "smoke")
     assert p.returncode == 0, describe(p)
-    out = subprocess.run([sys.executable, "tools/fidelity.py", str(run_dir), "--steps", "20,200", "--rows", "300"],
+    out = subprocess.run([sys.executable, "tools/fidelity.py", str(run_dir), "--steps", "20,200", "--rows", "300",
+                          "--width", "48"],
                          cwd=ROOT, env=child_env(dirs), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith("{")]
     assert [r["steps"] for r in rows] == [20, 200]
+    assert all(r["width"] == 48 and r["depth"] == int(flag(SMOKE, "--diffusion-depth")) for r in rows), rows
     for r in rows:
         for name in ("unguided", "inpainted"):
             for k in ("dynamics_mse", "dynamics_tail", "reward_mse", "terminal_error"):

@@ -29,16 +29,30 @@ def main():
     p.add_argument("--steps", default="3000,10000,30000", help="pretraining budgets to check, increasing")
     p.add_argument("--width", type=int, default=None, help="denoiser width (default: the run's)")
     p.add_argument("--depth", type=int, default=None, help="denoiser residual blocks (default: the run's)")
-    p.add_argument("--rows", type=int, default=1000, help="samples per check (the simulator replays the first 500)")
+    p.add_argument("--rows", type=int, default=1000, help="samples per set (the simulator replays the first 500; "
+                   "the maze move check takes every row)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    budgets = [int(s) for s in a.steps.split(",")]
-    if budgets != sorted(set(budgets)) or budgets[0] < 1:
+    try:
+        budgets = [int(s) for s in a.steps.split(",")]
+    except ValueError:
+        budgets = []
+    if not budgets or budgets != sorted(set(budgets)) or budgets[0] < 1:
         p.error(f"--steps {a.steps}: give increasing positive step counts, e.g. 3000,10000,30000")
+    for name in ("width", "depth", "rows"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            p.error(f"--{name} {getattr(a, name)}: must be at least 1")
+    cfg = a.run_dir / "config.json"
+    run = json.loads(cfg.read_text()) if cfg.exists() else {}
+    if run.get("exp_name") != "edis_iql" or not run.get("edis") or not (a.run_dir / "checkpoint.pt").exists():
+        p.error(f"{a.run_dir} is not a finished edis_iql.py run with EDIS on (config.json with exp_name edis_iql "
+                f"and edis true, checkpoint.pt)")
     torch.set_num_threads(1)
     args, edis, _, offline, _, check = rebuild(a.run_dir)
-    edis.args.diffusion_width = a.width or args.diffusion_width
-    edis.args.diffusion_depth = a.depth or args.diffusion_depth
+    if a.width is not None:
+        edis.args.diffusion_width = a.width
+    if a.depth is not None:
+        edis.args.diffusion_depth = a.depth
     torch.manual_seed(a.seed)
     edis.new_model(len(edis.x_mean))
     done, spent = 0, 0.0
@@ -46,11 +60,12 @@ def main():
         t = time.time()
         edis.train_diffusion([offline], [1.0], budget - done)
         spent, done = spent + time.time() - t, budget
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng():  # the checks draw apart from training: a budget's
+            torch.manual_seed(a.seed + budget)           # model does not depend on the budgets before it
             sets = {"unguided": edis.sample(a.rows),
                     "inpainted": edis.inpaint([(edis.to_x(offline.sample(a.rows)), edis.ds + edis.da)])[0]}
-        row = {"steps": budget, "seconds": round(spent, 1), "width": edis.args.diffusion_width,
-               "depth": edis.args.diffusion_depth, "sample_steps": args.sample_steps}
+        row = {"steps": budget, "seconds": round(spent, 1), "width": edis.model.inp.out_features,
+               "depth": len(edis.model.blocks), "sample_steps": args.sample_steps}
         for name, x in sets.items():
             row.update({f"{name}_{k}": round(v, 4) for k, v in check(edis.from_x(x)).items()})
         print(json.dumps(row), flush=True)
