@@ -9,6 +9,7 @@ import re
 import signal
 import socket
 import sys
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -262,7 +263,7 @@ def collect_random(env_id: str, n: int, seed: int = 0, explore: bool = False) ->
     ds_id = f"edis/{re.sub(r'[^a-z0-9]+', '_', env_id.lower())}/{kind}-{n}-v0"
     if ds_id in minari.list_local_datasets():
         return ds_id
-    env = gym.make(env_id)
+    env = drop_maze_xml(gym.make(env_id))
     env.action_space.seed(seed)
     rng, lo, hi = np.random.default_rng(seed), env.action_space.low, env.action_space.high
     episodes, total, ep = [], 0, 0
@@ -331,6 +332,8 @@ def load_task(env: str, dataset: str | None = None) -> Task:
             raise UserError(f"--dataset {path} does not exist")
         data = _read_hdf5(path)
         env_fn = eval_fn = (lambda: gym.make(src.env_id))
+    if src.family in MAZE_FAMILIES:
+        env_fn, eval_fn = _tidy(env_fn), _tidy(eval_fn)
     env = env_fn()
     check_transitions(data, env, src)
     low, high = env.action_space.low.astype(np.float32), env.action_space.high.astype(np.float32)
@@ -339,6 +342,20 @@ def load_task(env: str, dataset: str | None = None) -> Task:
         data.actions = np.clip(2 * (data.actions - low) / (high - low) - 1, -1, 1).astype(np.float32)
         env_fn, eval_fn = _rescaled(env_fn), _rescaled(eval_fn)
     return Task(src, data, env_fn, eval_fn, src.ref)
+
+
+def drop_maze_xml(env: gym.Env) -> gym.Env:
+    """gymnasium-robotics <= 1.4.2 writes each maze env's MuJoCo XML to $TMPDIR/ant_maze<time>.xml and
+    never deletes it: a file per env made, thousands per run (fixed upstream in Gymnasium-Robotics
+    PR 308, not released yet). MuJoCo has read it once the env exists."""
+    path = getattr(env.unwrapped, "tmp_xml_file_path", None)
+    if path and Path(path).parent == Path(tempfile.gettempdir()):
+        Path(path).unlink(missing_ok=True)
+    return env
+
+
+def _tidy(env_fn):
+    return lambda: drop_maze_xml(env_fn())
 
 
 def _rescaled(env_fn):

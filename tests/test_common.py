@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -681,3 +682,16 @@ def test_action_bounds_other_than_unit_are_rescaled_for_data_and_env(tmp_path):
     r_wrapped = env.step(a[:1])[1]
     assert r_raw == pytest.approx(r_wrapped, abs=1e-5)
     assert r_raw == pytest.approx(task.data.rewards[0], abs=1e-4)
+
+
+def test_maze_envs_leave_no_xml_in_the_temp_dir(tmp_path, monkeypatch):
+    """Catches gymnasium-robotics' maze XML (written to the temp dir at every env made, never
+    deleted: thousands of files per run) left behind by the envs a run makes: data collection,
+    the online and evaluation envs, and the simulator the diagnostics replay."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    task = common.load_task("PointMaze_UMaze-v3", "explore:300")
+    for make in (task.env_fn, task.eval_env_fn):
+        make().close()
+    assert not list(tmp.iterdir()), sorted(p.name for p in tmp.iterdir())
