@@ -933,8 +933,8 @@ def test_energy_level_stays_pinned_when_pools_cannot_be_told_apart(edis_mod):
     """InfoNCE cannot see a constant added to a group's logits, and Adam turns the rounding noise
     along that direction into full steps. Here every pool has the same law (nothing to learn): after
     1,500 steps in bf16 the energies' mean logit must stay near 0. Without the pin one energy's mean
-    logit ends at 0.64 here (0.08 at most with it), and it drifted to -174 over a maze run's cycles, where bf16
-    rounding then swamped the ratio and the loss went above chance (docs/design.md §3.4)."""
+    logit ends at 0.64 here (0.08 at most with it), and it drifted to -174 over a maze run's cycles,
+    where bf16 rounding then swamped the ratio and the loss went above chance (docs/design.md §3.4)."""
     torch.manual_seed(32)
     edis, _ = tiny_edis(edis_mod, ds=3, da=1, precision="bf16", energy_steps=1500, energy_batch_size=64)
     D = len(edis.x_mean)
