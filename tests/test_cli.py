@@ -597,3 +597,26 @@ def test_fidelity_tool_sees_a_better_trained_model(runner, dirs):
                 assert math.isfinite(r[f"{name}_{k}"]), (name, k, r)
     assert rows[1]["inpainted_dynamics_mse"] < rows[0]["inpainted_dynamics_mse"], rows
     assert rows[1]["unguided_dynamics_mse"] < rows[0]["unguided_dynamics_mse"], rows
+
+
+def test_fidelity_self_check_tells_teleports_from_real_transitions(runner, dirs):
+    """tools/fidelity.py --self-check scores each transition by how far its (r, s') lies from the run's
+    own model's second inpainting at its (s, a). Ground truth: real offline rows against the same rows
+    with another row's next state; the score must rank nearly every teleport above the real rows,
+    and the guided and unguided rows get every simulator check with the drop columns."""
+    p, run_dir = runner.get("edis_iql.py", "smoke")
+    assert p.returncode == 0, describe(p)
+    out = subprocess.run([sys.executable, "tools/fidelity.py", str(run_dir), "--self-check", "--rows", "200",
+                          "--drop", "10"], cwd=ROOT, env=child_env(dirs), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {r["set"]: r for r in (json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith("{"))}
+    assert list(rows) == ["real vs teleported", "guided", "unguided"], rows
+    control = rows["real vs teleported"]
+    assert control["auroc_teleported"] > 0.95, control
+    assert control["teleported_disagreement"] > 5 * control["real_disagreement"], control
+    for name in ("guided", "unguided"):
+        for k in ("dynamics_mse", "dynamics_tail", "reward_mse", "spearman_dynamics_mse", "drop10_dynamics_mse"):
+            assert k in rows[name], (name, k, rows[name])
+    bad = subprocess.run([sys.executable, "tools/fidelity.py", str(run_dir), "--self-check", "--steps", "20"],
+                         cwd=ROOT, env=child_env(dirs), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "do not apply" in bad.stderr.strip().splitlines()[-1], bad.stderr

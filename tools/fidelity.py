@@ -10,6 +10,16 @@ One JSON line per budget, with the seconds spent training so far.
 
     python tools/fidelity.py ~/edis_study/halfcheetah_mr_iql/edis/seed0 --steps 3000,10000,30000
     python tools/fidelity.py RUN_DIR --steps 3000 --width 512 --depth 4
+
+With --self-check no model is trained: the run's own final model and energies draw guided and
+unguided samples, and each sample's (r, s' - s, terminal) is compared with a second inpainting at its
+own (s, a), a check that needs no simulator (the "disagreement", normalized units). The tool
+reports how well the disagreement finds the rows the simulator says are wrong (rank correlation with
+the next state's error, AUROC for the tail rows and impossible moves) and what dropping the rows that
+disagree most (--drop percentages) would leave; its first row is a control on real offline rows
+against the same rows with another row's next state (teleports), which the score must tell apart.
+
+    python tools/fidelity.py ~/edis_study/halfcheetah_mr_iql/edis/seed0 --self-check --drop 10,20
 """
 from __future__ import annotations
 
@@ -18,27 +28,90 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pool_lever import rebuild  # the run's EDIS, buffers and checks, as the pool-lever tool rebuilds them
 
 
+def ranks(v: np.ndarray) -> np.ndarray:
+    """0-based ranks, ties sharing their mean rank."""
+    r = np.empty(len(v))
+    r[np.argsort(v, kind="stable")] = np.arange(len(v))
+    _, group, count = np.unique(v, return_inverse=True, return_counts=True)
+    return (np.bincount(group, weights=r) / count)[group]
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
+
+
+def auroc(score: np.ndarray, label: np.ndarray) -> float:
+    """P(score of a labelled row > score of an unlabelled one); nan without both kinds."""
+    pos, neg = score[label], score[~label]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    r = ranks(np.concatenate([pos, neg]))[: len(pos)] + 1
+    return float((r.sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def disagreement(edis, x: torch.Tensor) -> np.ndarray:
+    """Per row: the mean squared distance (normalized units) between the row's (r, s' - s, terminal)
+    and the model's second inpainting of them at the row's own (s, a)."""
+    k = edis.ds + edis.da
+    again = edis.inpaint([(x, k)])[0]
+    return ((x[:, k:] - again[:, k:]) ** 2).mean(1).numpy()
+
+
+def self_check(edis, offline, check, rows: int, drops: list[int], seed: int):
+    torch.manual_seed(seed)
+    real = offline.sample(rows)
+    teleported = {**real, "next_obs": real["next_obs"][torch.randperm(rows)]}
+    d = disagreement(edis, edis.to_x({k: torch.cat([real[k], teleported[k]]) for k in real}))
+    label = np.arange(2 * rows) >= rows
+    print(json.dumps({"set": "real vs teleported", "rows": rows, "real_disagreement": round(float(d[~label].mean()), 4),
+                      "teleported_disagreement": round(float(d[label].mean()), 4),
+                      "auroc_teleported": round(auroc(d, label), 4)}), flush=True)
+    for name, guided in (("guided", True), ("unguided", False)):
+        x = edis.sample(rows, guided=guided)
+        d, per_row = disagreement(edis, x), check.rows(edis.from_x(x), simulated=rows)
+        out = {"set": name, "rows": rows, "disagreement": float(d.mean())}
+        out.update({k: float(np.mean(v)) for k, v in per_row.items()})
+        if "dynamics_mse" in per_row:
+            out["spearman_dynamics_mse"] = spearman(d, per_row["dynamics_mse"])
+            out["auroc_dynamics_tail"] = auroc(d, per_row["dynamics_tail"])
+        if "wall_crossing" in per_row:
+            out["auroc_wall_crossing"] = auroc(d, per_row["wall_crossing"])
+        for q in drops:  # what the rows left after dropping the q% that disagree most would show
+            keep = d <= np.quantile(d, 1 - q / 100)
+            out.update({f"drop{q}_{k}": float(np.mean(v[keep])) for k, v in per_row.items()})
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path, help="a finished edis_iql.py run (config.json, checkpoint.pt)")
-    p.add_argument("--steps", default="3000,10000,30000", help="pretraining budgets to check, increasing")
+    p.add_argument("--steps", default=None, help="pretraining budgets to check, increasing (default 3000,10000,30000)")
     p.add_argument("--width", type=int, default=None, help="denoiser width (default: the run's)")
     p.add_argument("--depth", type=int, default=None, help="denoiser residual blocks (default: the run's)")
     p.add_argument("--rows", type=int, default=1000, help="samples per set (the simulator replays the first 500; "
                    "the maze move check takes every row)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--self-check", action="store_true", help="check the run's own model by its disagreement "
+                   "with itself, against the simulator (no pretraining; see above)")
+    p.add_argument("--drop", default="10,20", help="with --self-check: percentages of the most disagreeing rows to drop")
     a = p.parse_args()
+    if a.self_check and (a.steps, a.width, a.depth) != (None, None, None):
+        p.error("--self-check checks the run's own model: --steps, --width and --depth do not apply; drop them")
     try:
-        budgets = [int(s) for s in a.steps.split(",")]
+        budgets = [int(s) for s in (a.steps or "3000,10000,30000").split(",")]
+        drops = [int(s) for s in a.drop.split(",")]
     except ValueError:
-        budgets = []
+        budgets = drops = []
     if not budgets or budgets != sorted(set(budgets)) or budgets[0] < 1:
         p.error(f"--steps {a.steps}: give increasing positive step counts, e.g. 3000,10000,30000")
+    if not drops or not all(0 < q < 100 for q in drops):
+        p.error(f"--drop {a.drop}: give percentages between 0 and 100, e.g. 10,20")
     for name in ("width", "depth", "rows"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name} {getattr(a, name)}: must be at least 1")
@@ -49,6 +122,9 @@ def main():
                 f"and edis true, checkpoint.pt)")
     torch.set_num_threads(1)
     args, edis, _, offline, _, check = rebuild(a.run_dir)
+    if a.self_check:
+        with torch.no_grad():
+            return self_check(edis, offline, check, a.rows, drops, a.seed)
     if a.width is not None:
         edis.args.diffusion_width = a.width
     if a.depth is not None:
