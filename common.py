@@ -1131,6 +1131,7 @@ def validate_args(args):
         (args.eval_episodes >= 1 and args.log_every >= 1, "--eval-episodes and --log-every must be >= 1"),
         (args.eval_workers >= 0, f"--eval-workers must be >= 0 (0 = one per core), got {args.eval_workers}"),
         (args.sample_steps >= 2, "--sample-steps must be >= 2"),
+        (args.sigma_max > 0.1, "--sigma-max must be above 0.1 (the data are standardized; EDM's value is 80)"),
         (min(args.num_generated, args.pool_size, args.gen_batch_size, args.positive_buffer_size, args.diag_samples) >= 10,
          "--num-generated, --pool-size, --gen-batch-size, --positive-buffer-size and --diag-samples must be >= 10"),
         (min(args.diffusion_width, args.diffusion_depth, args.energy_negatives, args.energy_batch_size) >= 1,

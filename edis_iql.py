@@ -68,7 +68,11 @@ class EDISArgs:
     """give generated transitions the env's own reward r(s') where the env defines one (goal mazes);
     --no-env-reward keeps the reward the model generates"""
     sample_steps: int = 128
-    """Heun sampler steps (sigma from 80 to 0.002)"""
+    """Heun sampler steps (sigma from --sigma-max to 0.002)"""
+    sigma_max: float = 80.0
+    """the sampler's largest noise level (EDM's and the paper's 80). The data are standardized, so the
+    steps above ~10 shrink noise the model hardly trained on: --sigma-max 10 --sample-steps 86 keeps the
+    128-step schedule's density below 10 at 0.67x the sampler's work (docs/speed.md)"""
     # --- energies (noise-conditioned density ratios, InfoNCE) ---
     energy_steps: int = 4_000
     """energy training steps per cycle"""
@@ -155,10 +159,10 @@ def diffusion_loss(model: Denoiser, x):
     return (weight * (model(x + sigma * torch.randn_like(x), sigma) - x) ** 2).mean()
 
 
-def karras_sigmas(n: int) -> list[float]:
+def karras_sigmas(n: int, sigma_max: float = SIGMA_MAX) -> list[float]:
     """sigma_i = (max^(1/rho) + i/(n-1) (min^(1/rho) - max^(1/rho)))^rho, then sigma_n = 0. Python
     floats: the sampler loop never asks the device for a number."""
-    a, b = SIGMA_MAX ** (1 / SIGMA_RHO), SIGMA_MIN ** (1 / SIGMA_RHO)
+    a, b = sigma_max ** (1 / SIGMA_RHO), SIGMA_MIN ** (1 / SIGMA_RHO)
     return [(a + i / max(n - 1, 1) * (b - a)) ** SIGMA_RHO for i in range(n)] + [0.0]
 
 
@@ -203,10 +207,10 @@ def heun_sample(denoise, x, sigmas, guide=None, known=None, resample: int = 1, t
     return x
 
 
-def queried_sigmas(n: int, everywhere: bool = False) -> list[float]:
+def queried_sigmas(n: int, everywhere: bool = False, sigma_max: float = SIGMA_MAX) -> list[float]:
     """Every noise level at which the sampler calls the model (sigma_i and sigma_hat_i): the energies
     are trained on exactly these."""
-    s = karras_sigmas(n)
+    s = karras_sigmas(n, sigma_max)
     return sorted({x for i in range(n) for x in (s[i], s[i] * (1 + churn_gamma(s[i], n, everywhere)))})
 
 
@@ -318,8 +322,8 @@ class EDIS:
         self.new_model(dim)
         self.positive_buffer = Buffer(args.positive_buffer_size, common.transition_dims(ds, da), device)
         self.generated_buffer = Buffer(args.num_generated, common.transition_dims(ds, da), device)
-        self.sigmas = karras_sigmas(args.sample_steps)
-        levels = queried_sigmas(args.sample_steps)
+        self.sigmas = karras_sigmas(args.sample_steps, args.sigma_max)
+        levels = queried_sigmas(args.sample_steps, sigma_max=args.sigma_max)
         self.train_sigmas = torch.tensor(levels, device=device)
         self.low_sigmas = torch.tensor([s for s in levels if s <= 0.1], device=device)  # where ratios are sharp
         self.bf16 = use_bf16(args.precision, torch.device(device))

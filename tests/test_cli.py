@@ -620,3 +620,22 @@ def test_fidelity_self_check_tells_teleports_from_real_transitions(runner, dirs)
     bad = subprocess.run([sys.executable, "tools/fidelity.py", str(run_dir), "--self-check", "--steps", "20"],
                          cwd=ROOT, env=child_env(dirs), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "do not apply" in bad.stderr.strip().splitlines()[-1], bad.stderr
+
+
+def test_fidelity_schedules_see_a_sampler_with_too_few_steps(runner, dirs):
+    """tools/fidelity.py --schedules samples the run's own model under each SIGMA_MAX:STEPS: one row
+    per schedule, and two Heun steps from sigma 80 (a collapse onto the model's mean) must land much
+    farther from the data than sixteen."""
+    p, run_dir = runner.get("edis_iql.py", "smoke")
+    assert p.returncode == 0, describe(p)
+    out = subprocess.run([sys.executable, "tools/fidelity.py", str(run_dir), "--schedules", "80:2,80:16,10:12",
+                          "--rows", "200", "--seeds", "2"], cwd=ROOT, env=child_env(dirs), capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith("{")]
+    assert [(r["sigma_max"], r["steps"], r["seeds"]) for r in rows] == [(80.0, 2, 2), (80.0, 16, 2), (10.0, 12, 2)]
+    assert rows[0]["unguided_mmd"] > 3 * rows[1]["unguided_mmd"], rows
+    assert all(math.isfinite(r["inpainted_dynamics_mse"]) for r in rows), rows
+    bad = subprocess.run([sys.executable, "tools/fidelity.py", str(run_dir), "--schedules", "80"],
+                         cwd=ROOT, env=child_env(dirs), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "SIGMA_MAX:STEPS" in bad.stderr.strip().splitlines()[-1], bad.stderr

@@ -20,6 +20,11 @@ disagree most (--drop percentages) would leave; its first row is a control on re
 against the same rows with another row's next state (teleports), which the score must tell apart.
 
     python tools/fidelity.py ~/edis_study/halfcheetah_mr_iql/edis/seed0 --self-check --drop 10,20
+
+With --schedules the run's own model samples under each sampler schedule SIGMA_MAX:STEPS (the
+scripts' --sigma-max and --sample-steps), --seeds times, with the budgets' checks on every row.
+
+    python tools/fidelity.py RUN_DIR --schedules 80:128,10:86,80:32,10:22 --rows 2000 --seeds 3
 """
 from __future__ import annotations
 
@@ -88,6 +93,28 @@ def self_check(edis, offline, check, rows: int, drops: list[int], seed: int):
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}), flush=True)
 
 
+def schedules(edis, offline, check, specs: list[tuple[float, int]], rows: int, seeds: int):
+    """The run's own model under each (sigma_max, steps): its unguided samples and its inpainting
+    of real offline (s, a), every row checked; mean and std over seeds."""
+    import edis_iql
+    for sigma_max, steps in specs:
+        edis.sigmas = edis_iql.karras_sigmas(steps, sigma_max)
+        per_seed = {}
+        for seed in range(seeds):
+            torch.manual_seed(100 + seed)
+            real, ref = edis.to_x(offline.sample(rows)), edis.to_x(offline.sample(rows))
+            torch.manual_seed(seed)
+            sets = {"unguided": edis.sample(rows), "inpainted": edis.inpaint([(real, edis.ds + edis.da)])[0]}
+            for name, x in sets.items():
+                for k, v in check.rows(edis.from_x(x), simulated=rows).items():
+                    per_seed.setdefault(f"{name}_{k}", []).append(float(np.mean(v)))
+            per_seed.setdefault("unguided_mmd", []).append(edis_iql.rbf_mmd(sets["unguided"], ref).item())
+        out = {"sigma_max": sigma_max, "steps": steps, "rows": rows, "seeds": seeds}
+        for k, v in per_seed.items():
+            out[k], out[f"{k}_std"] = round(float(np.mean(v)), 5), round(float(np.std(v)), 5)
+        print(json.dumps(out), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path, help="a finished edis_iql.py run (config.json, checkpoint.pt)")
@@ -100,9 +127,22 @@ def main():
     p.add_argument("--self-check", action="store_true", help="check the run's own model by its disagreement "
                    "with itself, against the simulator (no pretraining; see above)")
     p.add_argument("--drop", default="10,20", help="with --self-check: percentages of the most disagreeing rows to drop")
+    p.add_argument("--schedules", default=None, help="check the run's own model under sampler schedules "
+                   "SIGMA_MAX:STEPS,... (no pretraining; see above)")
+    p.add_argument("--seeds", type=int, default=1, help="with --schedules: seeds per schedule")
     a = p.parse_args()
-    if a.self_check and (a.steps, a.width, a.depth) != (None, None, None):
-        p.error("--self-check checks the run's own model: --steps, --width and --depth do not apply; drop them")
+    if a.self_check and a.schedules:
+        p.error("--self-check and --schedules are two checks of the run's own model: give one")
+    if (a.self_check or a.schedules) and (a.steps, a.width, a.depth) != (None, None, None):
+        p.error("--self-check and --schedules check the run's own model: --steps, --width and --depth do not apply; "
+                "drop them")
+    try:
+        specs = [(float(m), int(n)) for m, n in (s.split(":") for s in a.schedules.split(","))] if a.schedules else []
+    except ValueError:
+        specs = [(0.0, 0)]
+    if not all(m > 0.1 and n >= 2 for m, n in specs) or a.seeds < 1:
+        p.error(f"--schedules {a.schedules} --seeds {a.seeds}: give SIGMA_MAX:STEPS pairs with SIGMA_MAX above 0.1 "
+                f"and STEPS at least 2, e.g. 80:128,10:86, and --seeds at least 1")
     try:
         budgets = [int(s) for s in (a.steps or "3000,10000,30000").split(",")]
         drops = [int(s) for s in a.drop.split(",")]
@@ -122,8 +162,10 @@ def main():
                 f"and edis true, checkpoint.pt)")
     torch.set_num_threads(1)
     args, edis, _, offline, _, check = rebuild(a.run_dir)
-    if a.self_check:
+    if a.self_check or specs:
         with torch.no_grad():
+            if specs:
+                return schedules(edis, offline, check, specs, a.rows, a.seeds)
             return self_check(edis, offline, check, a.rows, drops, a.seed)
     if a.width is not None:
         edis.args.diffusion_width = a.width
