@@ -36,6 +36,8 @@ class Bench:
     """denoiser residual blocks (paper: 6)"""
     sample_steps: int = 128
     """sampler steps (paper: 128)"""
+    sigma_max: float = 80.0
+    """the sampler's largest noise level, as the scripts' --sigma-max (paper: 80)"""
     batch: int = 1_000
     """samples per timed sampler call (the run uses --gen-batch-size)"""
     repeats: int = 3
@@ -136,7 +138,8 @@ def main(b: Bench):
     offline.add(obs=torch.randn(n, ds), actions=torch.rand(n, da) * 2 - 1, rewards=torch.randn(n),
                 next_obs=torch.randn(n, ds), terminals=torch.zeros(n))
     args = edis_iql.Args(diffusion_width=b.diffusion_width, diffusion_depth=b.diffusion_depth,
-                         sample_steps=b.sample_steps, gen_batch_size=b.batch, precision=b.precision)
+                         sample_steps=b.sample_steps, sigma_max=b.sigma_max, gen_batch_size=b.batch,
+                         precision=b.precision)
     edis = edis_iql.EDIS(args, offline, ds, da, False, device)
     edis.positive_buffer.add(**offline.sample(2_000))
     iql = edis_iql.IQL(ds, da, args, device, 10**6)
@@ -170,7 +173,7 @@ def main(b: Bench):
     params = sum(p.numel() for p in edis.model.parameters())
     print(f"device={device} threads={torch.get_num_threads()} precision={'bf16 autocast' if edis.bf16 else 'fp32'} "
           f"denoiser={b.diffusion_width}x{b.diffusion_depth} ({params / 1e6:.2f} M params) "
-          f"D={x.shape[1]} sample_steps={b.sample_steps} sampler batch={b.batch}")
+          f"D={x.shape[1]} sample_steps={b.sample_steps} sigma_max={b.sigma_max:g} sampler batch={b.batch}")
     for k, v in r.items():
         print(f"  {k:45s} {v * 1e3:10.2f} ms")
     d = edis_iql.EDISArgs()  # the paper's cycle
