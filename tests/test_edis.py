@@ -643,6 +643,7 @@ def test_schedule_is_python_floats_matching_spec(edis_mod, n):
     assert sig == pytest.approx(spec_sigmas(n), rel=1e-9)
 
 
+@ONE_SCRIPT  # the EDIS section is the same text in both scripts (test_scripts_share_edis.py)
 def test_a_lower_sigma_max_keeps_a_rare_far_mode(edis_mod):
     """--sigma-max: the schedule starts there (and the energies train up to it), and with the
     standardized data's scale in mind a start at 10 instead of 80, at the 32-step schedule's density
