@@ -1,5 +1,6 @@
-"""How close the diffusion model's transitions come to the simulator's, against its pretraining steps
-and size: the "model" lever of docs/study.md, measured on what the learner would consume.
+"""How close the diffusion model's transitions come to the simulator's: against its pretraining steps
+and size (the "model" lever of docs/study.md), against the sampler's schedule (--schedules), and by the
+model's disagreement with itself (--self-check), measured on what the learner would consume.
 
 From a finished `edis_iql.py` run (its data, normalization and EDIS sizes, read from config.json and
 checkpoint.pt), a fresh denoiser is pretrained on the offline data as the run's pretraining does. At
@@ -36,7 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pool_lever import rebuild  # the run's EDIS, buffers and checks, as the pool-lever tool rebuilds them
+from pool_lever import rebuild  # the run's EDIS, buffers and checks; it also puts the scripts on sys.path
+
+import edis_iql  # noqa: E402
 
 
 def ranks(v: np.ndarray) -> np.ndarray:
@@ -96,7 +99,6 @@ def self_check(edis, offline, check, rows: int, drops: list[int], seed: int):
 def schedules(edis, offline, check, specs: list[tuple[float, int]], rows: int, seeds: int):
     """The run's own model under each (sigma_max, steps): its unguided samples and its inpainting
     of real offline (s, a), every row checked; mean and std over seeds."""
-    import edis_iql
     for sigma_max, steps in specs:
         edis.sigmas = edis_iql.karras_sigmas(steps, sigma_max)
         per_seed = {}
