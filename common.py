@@ -3,6 +3,7 @@ logging, checkpoints. The algorithm lives in the two scripts; nothing here is ED
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -347,10 +348,11 @@ def load_task(env: str, dataset: str | None = None) -> Task:
 def drop_maze_xml(env: gym.Env) -> gym.Env:
     """gymnasium-robotics <= 1.4.2 writes each maze env's MuJoCo XML to $TMPDIR/ant_maze<time>.xml and
     never deletes it: a file per env made, thousands per run (fixed upstream in Gymnasium-Robotics
-    PR 308, not released yet). MuJoCo has read it once the env exists."""
-    path = getattr(env.unwrapped, "tmp_xml_file_path", None)
-    if path and Path(path).parent == Path(tempfile.gettempdir()):
-        Path(path).unlink(missing_ok=True)
+    PR 308, not released yet). MuJoCo has read it once the env exists. The v3 mazes share one
+    ant_maze.xml between envs, which other envs may still be about to read: left alone."""
+    path = Path(getattr(env.unwrapped, "tmp_xml_file_path", None) or ".")
+    if path.parent == Path(tempfile.gettempdir()) and re.fullmatch(r"ant_maze\d[\d.]*\.xml", path.name):
+        path.unlink(missing_ok=True)
     return env
 
 
@@ -660,15 +662,15 @@ class TransitionCheck:
             bad |= np.linalg.norm(xy2 - xy, axis=1) > 1.01 * max_step
         return bad
 
-    def rows(self, batch: dict, simulated: int | None = None) -> dict[str, np.ndarray]:
+    def rows(self, batch: dict, n_simulated: int | None = None) -> dict[str, np.ndarray]:
         """Per row of batch (learner-space tensors: obs, actions, rewards, next_obs, terminals): the
-        first `simulated` rows (default SIMULATED_ROWS; a simulator step costs ~0.5 ms in Python)
+        first `n_simulated` rows (default SIMULATED_ROWS; a simulator step costs ~0.5 ms in Python)
         replayed in the simulator, every row through the maze move check."""
         b = {k: v.detach().float().cpu().numpy().reshape(len(v), -1) for k, v in batch.items()}
         obs, nxt = self.obs_norm.inverse(b["obs"]), self.obs_norm.inverse(b["next_obs"])
         out = {}
         if self.simulated:
-            k = self.SIMULATED_ROWS if simulated is None else simulated
+            k = self.SIMULATED_ROWS if n_simulated is None else n_simulated
             true_next, r, term = simulated_steps(self.env_fn, obs[:k], b["actions"][:k])
             err = self.obs_norm(true_next) - b["next_obs"][:k]
             out["dynamics_mse"] = np.mean(err**2, 1)
@@ -1131,7 +1133,8 @@ def validate_args(args):
         (args.eval_episodes >= 1 and args.log_every >= 1, "--eval-episodes and --log-every must be >= 1"),
         (args.eval_workers >= 0, f"--eval-workers must be >= 0 (0 = one per core), got {args.eval_workers}"),
         (args.sample_steps >= 2, "--sample-steps must be >= 2"),
-        (args.sigma_max > 0.1, "--sigma-max must be above 0.1 (the data are standardized; EDM's value is 80)"),
+        (math.isfinite(args.sigma_max) and args.sigma_max > 0.1,
+         f"--sigma-max must be finite and above 0.1 (the data are standardized; EDM's value is 80), got {args.sigma_max}"),
         (min(args.num_generated, args.pool_size, args.gen_batch_size, args.positive_buffer_size, args.diag_samples) >= 10,
          "--num-generated, --pool-size, --gen-batch-size, --positive-buffer-size and --diag-samples must be >= 10"),
         (min(args.diffusion_width, args.diffusion_depth, args.energy_negatives, args.energy_batch_size) >= 1,

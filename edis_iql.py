@@ -70,9 +70,10 @@ class EDISArgs:
     sample_steps: int = 128
     """Heun sampler steps (sigma from --sigma-max to 0.002)"""
     sigma_max: float = 80.0
-    """the sampler's largest noise level (EDM's and the paper's 80). The data are standardized, so the
-    steps above ~10 shrink noise the model hardly trained on: --sigma-max 10 --sample-steps 86 keeps the
-    128-step schedule's density below 10 at 0.67x the sampler's work (docs/speed.md)"""
+    """the schedule's first noise level (EDM's and the paper's 80; the first step's churn then asks the
+    model at up to sqrt(2) times it). The data are standardized, so the steps above ~10 shrink noise the
+    model hardly trained on: --sigma-max 10 --sample-steps 86 keeps the 128-step schedule's density below
+    10 at 0.67x the sampler's work (docs/speed.md)"""
     # --- energies (noise-conditioned density ratios, InfoNCE) ---
     energy_steps: int = 4_000
     """energy training steps per cycle"""

@@ -229,6 +229,8 @@ BAD = {
                                 ["--generated-ratio", "1.5"]),
     "online_share_above_1": (["--env", "Hopper-v4", "--dataset", "random:3000", "--online-share", "1.5"],
                              ["--online-share", "1.5"]),
+    "sigma_max_infinite": (["--env", "Hopper-v4", "--dataset", "random:3000", "--sigma-max", "inf"],
+                           ["--sigma-max", "inf"]),
     "unknown_env": (["--env", "foo"], ["foo"]),
     "absent_antmaze_dataset": (["--env", "antmaze-large-diverse-v2"], ["minari download", "D4RL/antmaze/large-diverse"]),
     "resume_without_config": (None, ["--resume", "config.json"]),
@@ -612,20 +614,24 @@ def test_fidelity_self_check_tells_teleports_from_real_transitions(runner, dirs)
     rows = {r["set"]: r for r in (json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith("{"))}
     assert list(rows) == ["real vs teleported", "guided", "unguided"], rows
     control = rows["real vs teleported"]
-    assert control["auroc_teleported"] > 0.95, control
-    assert control["teleported_disagreement"] > 5 * control["real_disagreement"], control
+    assert control["auroc_teleported"] > 0.95, control  # measured 0.99+ on study runs
+    assert control["teleported_disagreement"] > 5 * control["real_disagreement"], control  # study runs: 180-10^6x
     for name in ("guided", "unguided"):
         for k in ("dynamics_mse", "dynamics_tail", "reward_mse", "spearman_dynamics_mse", "drop10_dynamics_mse"):
             assert k in rows[name], (name, k, rows[name])
     bad = subprocess.run([sys.executable, "tools/fidelity.py", str(run_dir), "--self-check", "--steps", "20"],
                          cwd=ROOT, env=child_env(dirs), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "do not apply" in bad.stderr.strip().splitlines()[-1], bad.stderr
+    bad = subprocess.run([sys.executable, "tools/fidelity.py", str(run_dir), "--self-check", "--drop", "0.5"],
+                         cwd=ROOT, env=child_env(dirs), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--drop 0.5" in bad.stderr.strip().splitlines()[-1], bad.stderr
 
 
 def test_fidelity_schedules_see_a_sampler_with_too_few_steps(runner, dirs):
     """tools/fidelity.py --schedules samples the run's own model under each SIGMA_MAX:STEPS: one row
-    per schedule, and two Heun steps from sigma 80 (a collapse onto the model's mean) must land much
-    farther from the data than sixteen."""
+    per schedule, and two Heun steps from sigma 80 (the second slope, at sigma 0.002, is about 0, so
+    half the starting noise survives) must land much farther from the data than sixteen (measured:
+    MMD^2 0.42 against 0.025)."""
     p, run_dir = runner.get("edis_iql.py", "smoke")
     assert p.returncode == 0, describe(p)
     out = subprocess.run([sys.executable, "tools/fidelity.py", str(run_dir), "--schedules", "80:2,80:16,10:12",

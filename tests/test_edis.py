@@ -658,7 +658,7 @@ def test_a_lower_sigma_max_keeps_a_rare_far_mode(edis_mod):
             assert sig[0] == pytest.approx(smax) and sig[-2] == pytest.approx(edis_mod.SIGMA_MIN)
             y = edis_mod.heun_sample(gmm.denoise, torch.randn(40000, 2) * sig[0], sig)
             share[smax] = (gmm.nearest(y) == 1).double().mean().item()
-    assert abs(share[80.0] - 0.02) < 0.004 and abs(share[10.0] - 0.02) < 0.004, share  # measured 0.019, 0.018
+    assert abs(share[80.0] - 0.02) < 0.005 and abs(share[10.0] - 0.02) < 0.005, share  # measured 0.019, 0.018 (SE 0.0007)
     assert share[1.0] < 0.005, share  # measured 0.0005
     edis, _ = tiny_edis(edis_mod, sigma_max=10.0)
     assert edis.sigmas[0] == pytest.approx(10.0)

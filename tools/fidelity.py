@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -56,6 +57,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def auroc(score: np.ndarray, label: np.ndarray) -> float:
     """P(score of a labelled row > score of an unlabelled one); nan without both kinds."""
+    label = np.asarray(label, bool)
     pos, neg = score[label], score[~label]
     if len(pos) == 0 or len(neg) == 0:
         return float("nan")
@@ -82,8 +84,11 @@ def self_check(edis, offline, check, rows: int, drops: list[int], seed: int):
                       "auroc_teleported": round(auroc(d, label), 4)}), flush=True)
     for name, guided in (("guided", True), ("unguided", False)):
         x = edis.sample(rows, guided=guided)
-        d, per_row = disagreement(edis, x), check.rows(edis.from_x(x), simulated=rows)
-        out = {"set": name, "rows": rows, "disagreement": float(d.mean())}
+        x = x[torch.isfinite(x).all(1)]  # as a cycle drops them
+        d = disagreement(edis, x)
+        x, d = x[torch.as_tensor(np.isfinite(d))], d[np.isfinite(d)]
+        per_row = check.rows(edis.from_x(x), n_simulated=len(x))
+        out = {"set": name, "rows": len(x), "nonfinite_dropped": rows - len(x), "disagreement": float(d.mean())}
         out.update({k: float(np.mean(v)) for k, v in per_row.items()})
         if "dynamics_mse" in per_row:
             out["spearman_dynamics_mse"] = spearman(d, per_row["dynamics_mse"])
@@ -96,19 +101,19 @@ def self_check(edis, offline, check, rows: int, drops: list[int], seed: int):
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}), flush=True)
 
 
-def schedules(edis, offline, check, specs: list[tuple[float, int]], rows: int, seeds: int):
+def schedules(edis, offline, check, specs: list[tuple[float, int]], rows: int, seeds: int, seed: int):
     """The run's own model under each (sigma_max, steps): its unguided samples and its inpainting
     of real offline (s, a), every row checked; mean and std over seeds."""
-    for sigma_max, steps in specs:
+    for sigma_max, steps in specs:  # seeds seed, seed + 1, ... for every schedule
         edis.sigmas = edis_iql.karras_sigmas(steps, sigma_max)
         per_seed = {}
-        for seed in range(seeds):
-            torch.manual_seed(100 + seed)
+        for s in range(seed, seed + seeds):
+            torch.manual_seed(100 + s)
             real, ref = edis.to_x(offline.sample(rows)), edis.to_x(offline.sample(rows))
-            torch.manual_seed(seed)
+            torch.manual_seed(s)
             sets = {"unguided": edis.sample(rows), "inpainted": edis.inpaint([(real, edis.ds + edis.da)])[0]}
             for name, x in sets.items():
-                for k, v in check.rows(edis.from_x(x), simulated=rows).items():
+                for k, v in check.rows(edis.from_x(x), n_simulated=rows).items():
                     per_seed.setdefault(f"{name}_{k}", []).append(float(np.mean(v)))
             per_seed.setdefault("unguided_mmd", []).append(edis_iql.rbf_mmd(sets["unguided"], ref).item())
         out = {"sigma_max": sigma_max, "steps": steps, "rows": rows, "seeds": seeds}
@@ -123,37 +128,49 @@ def main():
     p.add_argument("--steps", default=None, help="pretraining budgets to check, increasing (default 3000,10000,30000)")
     p.add_argument("--width", type=int, default=None, help="denoiser width (default: the run's)")
     p.add_argument("--depth", type=int, default=None, help="denoiser residual blocks (default: the run's)")
-    p.add_argument("--rows", type=int, default=1000, help="samples per set (the simulator replays the first 500; "
-                   "the maze move check takes every row)")
+    p.add_argument("--rows", type=int, default=1000, help="samples per set (budgets: the simulator replays the first "
+                   "500, the maze move check takes every row; --self-check and --schedules replay every row)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--self-check", action="store_true", help="check the run's own model by its disagreement "
                    "with itself, against the simulator (no pretraining; see above)")
-    p.add_argument("--drop", default="10,20", help="with --self-check: percentages of the most disagreeing rows to drop")
+    p.add_argument("--drop", default=None, help="with --self-check: percentages of the most disagreeing rows to drop "
+                   "(default 10,20)")
     p.add_argument("--schedules", default=None, help="check the run's own model under sampler schedules "
                    "SIGMA_MAX:STEPS,... (no pretraining; see above)")
-    p.add_argument("--seeds", type=int, default=1, help="with --schedules: seeds per schedule")
+    p.add_argument("--seeds", type=int, default=None, help="with --schedules: seeds per schedule, from --seed on "
+                   "(default 1)")
     a = p.parse_args()
     if a.self_check and a.schedules:
         p.error("--self-check and --schedules are two checks of the run's own model: give one")
     if (a.self_check or a.schedules) and (a.steps, a.width, a.depth) != (None, None, None):
         p.error("--self-check and --schedules check the run's own model: --steps, --width and --depth do not apply; "
                 "drop them")
+    if a.drop is not None and not a.self_check:
+        p.error("--drop goes with --self-check; add --self-check or drop --drop")
+    if a.seeds is not None and not a.schedules:
+        p.error("--seeds goes with --schedules (the budgets and --self-check take one --seed)")
+    seeds = 1 if a.seeds is None else a.seeds
     try:
         specs = [(float(m), int(n)) for m, n in (s.split(":") for s in a.schedules.split(","))] if a.schedules else []
     except ValueError:
         specs = [(0.0, 0)]
-    if not all(m > 0.1 and n >= 2 for m, n in specs) or a.seeds < 1:
-        p.error(f"--schedules {a.schedules} --seeds {a.seeds}: give SIGMA_MAX:STEPS pairs with SIGMA_MAX above 0.1 "
-                f"and STEPS at least 2, e.g. 80:128,10:86, and --seeds at least 1")
+    if not all(math.isfinite(m) and m > 0.1 and n >= 2 for m, n in specs):
+        p.error(f"--schedules {a.schedules}: give SIGMA_MAX:STEPS pairs with a finite SIGMA_MAX above 0.1 and STEPS "
+                f"at least 2, e.g. 80:128,10:86")
+    if seeds < 1:
+        p.error(f"--seeds {seeds}: must be at least 1")
     try:
         budgets = [int(s) for s in (a.steps or "3000,10000,30000").split(",")]
-        drops = [int(s) for s in a.drop.split(",")]
     except ValueError:
-        budgets = drops = []
+        budgets = []
     if not budgets or budgets != sorted(set(budgets)) or budgets[0] < 1:
         p.error(f"--steps {a.steps}: give increasing positive step counts, e.g. 3000,10000,30000")
+    try:
+        drops = [int(s) for s in (a.drop or "10,20").split(",")]
+    except ValueError:
+        drops = []
     if not drops or not all(0 < q < 100 for q in drops):
-        p.error(f"--drop {a.drop}: give percentages between 0 and 100, e.g. 10,20")
+        p.error(f"--drop {a.drop}: give whole percentages between 0 and 100, e.g. 10,20")
     for name in ("width", "depth", "rows"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name} {getattr(a, name)}: must be at least 1")
@@ -167,7 +184,7 @@ def main():
     if a.self_check or specs:
         with torch.no_grad():
             if specs:
-                return schedules(edis, offline, check, specs, a.rows, a.seeds)
+                return schedules(edis, offline, check, specs, a.rows, seeds, a.seed)
             return self_check(edis, offline, check, a.rows, drops, a.seed)
     if a.width is not None:
         edis.args.diffusion_width = a.width
@@ -185,7 +202,8 @@ def main():
             sets = {"unguided": edis.sample(a.rows),
                     "inpainted": edis.inpaint([(edis.to_x(offline.sample(a.rows)), edis.ds + edis.da)])[0]}
         row = {"steps": budget, "seconds": round(spent, 1), "width": edis.model.inp.out_features,
-               "depth": len(edis.model.blocks), "sample_steps": args.sample_steps}
+               "depth": len(edis.model.blocks), "sample_steps": args.sample_steps,
+               "sigma_max": args.sigma_max}
         for name, x in sets.items():
             row.update({f"{name}_{k}": round(v, 4) for k, v in check(edis.from_x(x)).items()})
         print(json.dumps(row), flush=True)
