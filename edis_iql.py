@@ -619,13 +619,20 @@ class EDIS:
         policy log-likelihood (policy energy), MMD to the positive buffer's states (state energy);
         `diagnose(samples, states, cycle)` adds the env-specific checks (dynamics error, picture).
         "inpainted" is the model's own (r, s') at the positive buffer's real (s, a): its dynamics
-        error is the model's where the policy goes, the reference for the guided samples' error."""
+        error is the model's where the policy goes, the reference for the guided samples' error.
+        Without a simulator, gen/{set}_self_tail: the share of rows whose (r, s' - s, terminal) lie
+        farther from the model's own inpainting at their (s, a) than 99% of real positive rows do
+        (the threshold from one half of those rows; the other half, "positive", reads about 0.01)."""
         n = self.args.diag_samples
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            return self._diagnostics(policy, offline, diagnose, n)
+
+    def _diagnostics(self, policy, offline: Buffer, diagnose, n: int) -> dict:
+        """diagnostics' body, on a random stream of its own: the checks never change the run."""
         xs = {}
-        for name in ("unguided", "guided"):
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                torch.manual_seed(self.cycles)
-                xs[name] = self.generate(n, guided=name == "guided")
+        for name in ("unguided", "guided"):  # from the same noise
+            torch.manual_seed(self.cycles)
+            xs[name] = self.generate(n, guided=name == "guided")
         positive = self.positive_buffer.sample(min(n, 2000))["obs"]
         m, samples = {}, {}
         for name, x in xs.items():
@@ -635,10 +642,26 @@ class EDIS:
             m[f"gen/{name}_state_mmd"] = rbf_mmd(b["obs"][:2000], positive)
         states = {"offline": offline.sample(2000)["obs"], "positive buffer": positive,
                   **{k: b["obs"] for k, b in samples.items()}}
-        samples["inpainted"] = self.from_x(self.inpaint([(self.to_x(self.positive_buffer.sample(n)), self.ds + self.da)])[0])
+        sets = {"guided": xs["guided"], "unguided": xs["unguided"],
+                "positive": self.to_x(self.positive_buffer.sample(n))}
+        sets = {name: x[torch.isfinite(x).all(1)] for name, x in sets.items()}
+        far, again = self.self_disagreement(torch.cat(list(sets.values())))  # one batched sampler call
+        far = dict(zip(sets, far.split([len(x) for x in sets.values()])))
+        half = len(far["positive"]) // 2
+        threshold, far["positive"] = torch.quantile(far["positive"][:half], 0.99), far["positive"][half:]
+        m.update({f"gen/{name}_self_tail": (d > threshold).float().mean() for name, d in far.items()})
+        samples["inpainted"] = self.from_x(again[-len(sets["positive"]):])
         samples["positive"] = self.positive_buffer.sample(n)  # real rows: the floor of every check
         m.update(diagnose(samples, states, self.cycles))
         return m
+
+    def self_disagreement(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row of x (normalized transitions): the mean squared distance between its (r, s' - s,
+        terminal) and the model's second opinion, an inpainting of them at the row's own (s, a); and
+        that inpainting. A check without a simulator: real rows set its scale."""
+        k = self.ds + self.da
+        again = self.inpaint([(x, k)])[0]
+        return ((x[:, k:] - again[:, k:]) ** 2).mean(1), again
 
     MODULES = ("model", "ema", "opt", "energies", "energy_opt", "positive_buffer", "generated_buffer")
 

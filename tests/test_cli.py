@@ -417,6 +417,8 @@ def test_smoke_contract(script, runner):
             assert f"gen/{name}_wall_crossing" not in r  # mazes only
         # real rows replay exactly, except where Hopper's observation clips a velocity at +-10
         assert r["gen/positive_dynamics_tail"] <= 0.05 and r["gen/positive_terminal_error"] <= 0.05
+        for name in ("unguided", "guided", "positive"):  # the check without a simulator
+            assert 0.0 <= r[f"gen/{name}_self_tail"] <= 1.0, name
         assert 0.0 <= r["gen/nonfinite_dropped"] <= 1.0
         assert r["edis/fallback"] in (0.0, 1.0)
         for k in ("state", "policy", "transition"):

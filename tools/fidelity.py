@@ -66,11 +66,9 @@ def auroc(score: np.ndarray, label: np.ndarray) -> float:
 
 
 def disagreement(edis, x: torch.Tensor) -> np.ndarray:
-    """Per row: the mean squared distance (normalized units) between the row's (r, s' - s, terminal)
-    and the model's second inpainting of them at the row's own (s, a)."""
-    k = edis.ds + edis.da
-    again = edis.inpaint([(x, k)])[0]
-    return ((x[:, k:] - again[:, k:]) ** 2).mean(1).numpy()
+    """Per row: the distance between its (r, s' - s, terminal) and the model's second inpainting of
+    them at its own (s, a) (EDIS.self_disagreement, the cycle's gen/{set}_self_tail check)."""
+    return edis.self_disagreement(x)[0].numpy()
 
 
 def self_check(edis, offline, check, rows: int, drops: list[int], seed: int):
