@@ -14,7 +14,8 @@ One JSON line per budget, with the seconds spent training so far.
 
 With --self-check no model is trained: the run's own final model and energies draw guided and
 unguided samples, and each sample's (r, s' - s, terminal) is compared with a second inpainting at its
-own (s, a), a check that needs no simulator (the "disagreement", normalized units). The tool
+own (s, a), a check that needs no simulator (the "disagreement", normalized units; self_tail: the
+share beyond the 99th percentile of the real rows', the positive buffer's, as each cycle logs it). The tool
 reports how well the disagreement finds the rows the simulator says are wrong (rank correlation with
 the next state's error, AUROC for the tail rows and impossible moves) and what dropping the rows that
 disagree most (--drop percentages) would leave; its first row is a control on real offline rows
@@ -73,20 +74,24 @@ def disagreement(edis, x: torch.Tensor) -> np.ndarray:
 
 def self_check(edis, offline, check, rows: int, drops: list[int], seed: int):
     torch.manual_seed(seed)
-    real = offline.sample(rows)
+    source = edis.positive_buffer if edis.positive_buffer.size else offline  # the cycle's reference rows
+    real = source.sample(rows)
     teleported = {**real, "next_obs": real["next_obs"][torch.randperm(rows)]}
     d = disagreement(edis, edis.to_x({k: torch.cat([real[k], teleported[k]]) for k in real}))
     label = np.arange(2 * rows) >= rows
+    threshold = np.quantile(d[~label], 0.99)  # as the cycle's gen/{set}_self_tail
     print(json.dumps({"set": "real vs teleported", "rows": rows, "real_disagreement": round(float(d[~label].mean()), 4),
                       "teleported_disagreement": round(float(d[label].mean()), 4),
-                      "auroc_teleported": round(auroc(d, label), 4)}), flush=True)
+                      "auroc_teleported": round(auroc(d, label), 4),
+                      "teleported_self_tail": round(float(np.mean(d[label] > threshold)), 4)}), flush=True)
     for name, guided in (("guided", True), ("unguided", False)):
         x = edis.sample(rows, guided=guided)
         x = x[torch.isfinite(x).all(1)]  # as a cycle drops them
         d = disagreement(edis, x)
         x, d = x[torch.as_tensor(np.isfinite(d))], d[np.isfinite(d)]
         per_row = check.rows(edis.from_x(x), n_simulated=len(x))
-        out = {"set": name, "rows": len(x), "nonfinite_dropped": rows - len(x), "disagreement": float(d.mean())}
+        out = {"set": name, "rows": len(x), "nonfinite_dropped": rows - len(x), "disagreement": float(d.mean()),
+               "self_tail": float(np.mean(d > threshold))}
         out.update({k: float(np.mean(v)) for k, v in per_row.items()})
         if "dynamics_mse" in per_row:
             out["spearman_dynamics_mse"] = spearman(d, per_row["dynamics_mse"])
