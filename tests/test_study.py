@@ -59,6 +59,26 @@ def test_study_runs_skips_finished_resumes_checkpointed(tmp_path, monkeypatch, c
     assert "--resume" in (root / "bad/edis/seed0/stdout.log").read_text()
 
 
+
+def test_a_run_another_call_finished_meanwhile_is_kept(tmp_path, monkeypatch, capsys):
+    """Catches the local pool restarting, and so wiping, a run that another study.py call finished
+    after this call had read the grid: two calls over one root once lost a finished run's metrics
+    this way (the pool deleted the run's folder and started it afresh)."""
+    fake = tmp_path / "fake.py"
+    fake.write_text(FAKE)
+    root = tmp_path / "study"
+    first, second = root / "g/edis/seed0", root / "g/edis/seed1"
+    todo = [("g/edis/seed0", first, str(fake), ["--env", "E", "--dataset", "random:100", "--seed", "0"]),
+            ("g/edis/seed1", second, str(fake), ["--env", "E", "--dataset", "random:100", "--seed", "1"])]
+    second.mkdir(parents=True)  # what the other call leaves once it has finished seed 1
+    (second / "stdout.log").write_text("final: env=E seed=1 edis=True return=1.00 success=0.25 normalized_score=n/a\n")
+    (second / "metrics.jsonl").write_text('{"step": 1, "eval/success": 0.25}\n')
+    study.run_local(todo, root, jobs=1)
+    out = capsys.readouterr().out
+    assert "g/edis/seed1: finished meanwhile" in out and study.final_line(first).startswith("final:")
+    assert (second / "metrics.jsonl").read_text() == '{"step": 1, "eval/success": 0.25}\n'
+
+
 PREEMPTIBLE = """import pathlib, signal, sys, time
 args = sys.argv[1:]
 if "--resume" in args:

@@ -187,14 +187,22 @@ def stop(*_):
 
 
 def run_local(todo, root: Path, jobs: int):
-    """Today's executor: a pool of `jobs` processes on this machine."""
+    """Today's executor: a pool of `jobs` processes on this machine. Each run's command is decided when
+    it starts, not when the grid was read: another call may have finished or checkpointed it since
+    (two calls running the same run at the same moment still collide; give them different groups
+    or seeds)."""
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     finished = 0
     signal.signal(signal.SIGTERM, stop)
     try:
         while todo or running:
             while todo and len(running) < jobs:
-                name, run_dir, cmd = todo.pop(0)
+                name, run_dir, script, flags = todo.pop(0)
+                cmd = command(run_dir, script, flags)
+                if cmd is None:
+                    print(f"{name}: finished meanwhile by another call, skipped", flush=True)
+                    continue
+                cmd = cmd if "--resume" in cmd else cmd + ["--eval-workers", "1"]  # a run of the pool holds one core
                 running[name] = (start(run_dir, cmd), time.time())
             time.sleep(0.5)
             for name, (proc, t0) in list(running.items()):
@@ -319,9 +327,7 @@ def main(argv=None):
     collect_data(runs)
     if args.executor != "local":
         return run_submitit(todo, root, args)
-    # one evaluation process per run: the pool's runs each hold one core
-    run_local([(name, d, c if "--resume" in c else c + ["--eval-workers", "1"])
-               for name, d, script, flags in todo if (c := command(d, script, flags))], root, args.jobs)
+    run_local([(name, d, script, flags) for name, d, script, flags in todo], root, args.jobs)
     print(f"all done. Table and curves: python tools/summarize.py {root} --plot {root / 'curves.png'}")
 
 
