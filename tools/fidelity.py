@@ -18,8 +18,9 @@ own (s, a), a check that needs no simulator (the "disagreement", normalized unit
 share beyond the 99th percentile of the real rows', the positive buffer's, as each cycle logs it). The tool
 reports how well the disagreement finds the rows the simulator says are wrong (rank correlation with
 the next state's error, AUROC for the tail rows and impossible moves) and what dropping the rows that
-disagree most (--drop percentages) would leave; its first row is a control on real offline rows
-against the same rows with another row's next state (teleports), which the score must tell apart.
+disagree most (--drop percentages) would leave; its first row is a control on real rows (the positive
+buffer's) against the same rows with another row's next state (teleports), which the score must tell
+apart.
 
     python tools/fidelity.py ~/edis_study/halfcheetah_mr_iql/edis/seed0 --self-check --drop 10,20
 
