@@ -249,6 +249,57 @@ def test_inpainting_bimodal_conditional(edis_mod):
     assert abs(x2[up].median() - 2) < 0.1 and abs(x2[down].median() + 2) < 0.1
 
 
+@ONE_SCRIPT
+def test_inpainting_resamples_where_the_known_coordinates_inform(edis_mod):
+    """docs/design.md §2.4: redoing only the steps at sigma_i <= RESAMPLE_BELOW (sigma_data) inpaints
+    as well as redoing every step, on the Gaussian and the bimodal conditionals, while stopping the
+    redoing four times lower already costs accuracy (the threshold is not free to lower)."""
+    below = edis_mod.RESAMPLE_BELOW
+    rho, n = 0.8, 8000
+    gauss, gmm = gaussian_denoiser([[1.0, rho], [rho, 1.0]]), GMM([[1.0, 2.0], [1.0, -2.0], [-1.0, 0.0]], [0.3] * 3, [0.1, 0.1, 0.8])
+    mask = torch.tensor([True, False])
+    sigmas = edis_mod.karras_sigmas(32)
+    mean, between = {}, {}
+    for r in (math.inf, below, below / 4):
+        for name, denoise, c in (("gauss", gauss, 1.0), ("gmm", gmm.denoise, 1.0)):
+            xs = []
+            for seed in range(3):
+                torch.manual_seed(seed)
+                values = torch.full((n, 2), c)
+                xs.append(edis_mod.heun_sample(denoise, torch.randn(n, 2) * sigmas[0], sigmas, known=(mask, values),
+                                               resample=2, resample_below=r)[:, 1])
+            x2 = torch.cat(xs)
+            if name == "gauss":
+                mean[r] = x2.mean().item()  # exact 0.8; replacement's bias pulls it towards 0
+            else:
+                between[r] = (x2.abs() < 2 - 3 * 0.3).float().mean().item()
+    assert abs(mean[below] - mean[math.inf]) < 0.015, mean
+    assert mean[math.inf] - mean[below / 4] > 0.03, mean
+    assert between[below] < between[math.inf] + 0.006 and between[below / 4] > between[math.inf] + 0.008, between
+
+
+@ONE_SCRIPT
+def test_progress_and_clip_rate_count_every_sampler_pass(edis_mod):
+    """EDIS.sampler_work is what the sampler ticks (inpainting redoes only the steps at sigma_i <=
+    RESAMPLE_BELOW) and EDIS.guide_rows is how many rows guide() sees: the units of the progress
+    bars and the denominator of gen/guidance_clip_rate."""
+    torch.manual_seed(22)
+    edis, offline = tiny_edis(edis_mod, sample_steps=8)
+    x = edis.to_x(offline.sample(30))
+    plain_guide, seen = edis.guide, []
+    edis.guide = lambda x, s: (seen.append(len(x)), plain_guide(x, s))[1]
+    for inpainted in (False, True):
+        ticks, seen[:] = [], []
+        if inpainted:
+            edis.inpaint([(x, 2)], ticks.append, guided=True)
+        else:
+            edis.sample(30, guided=True, tick=ticks.append)
+        assert sum(ticks) == edis.sampler_work(30, inpainted), (inpainted, sum(ticks))
+        assert sum(seen) == edis.guide_rows(30, inpainted), (inpainted, sum(seen))
+    redone = sum(s <= edis_mod.RESAMPLE_BELOW for s in edis.sigmas[:-1])
+    assert 0 < redone < 8 and edis.sampler_work(1, True) == 8 + redone
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Training: the denoiser and the energies learn what they should
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ to the energies (docs/speed.md, "Pool levers"; docs/design.md §3.4, §3.5).
 From the last checkpoint of a finished `edis_iql.py` run (its diffusion model, energies, policy and
 buffers), each variant makes fresh pools, trains the energies from the checkpoint's weights as a cycle
 does, and is scored on what the issue names as quality: the energies' InfoNCE loss and top-1 on one
-common held-out pool (the run's --pool-size, two inpainting passes, its own seed; each variant's
+common held-out pool (the run's --pool-size, two inpainting passes at every step, its own seed; each variant's
 state energy is scored against the state negatives it was trained with),
 and what the guidance then does to 1,000 guided samples against unguided ones from the same noise
 (log pi, state MMD^2 to the positive buffer, the simulator's dynamics error).
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -48,10 +49,12 @@ def rebuild(run_dir: Path):
     return args, edis, learner.actor, offline, online, check
 
 
-def pools_with(edis, policy, real, shares, seed: int, passes: int = 2, **overrides) -> dict:
-    """Fresh pools with `passes` inpainting passes and the EDIS flags in `overrides` (they stay set)."""
+def pools_with(edis, policy, real, shares, seed: int, passes: int = 2, below: float | None = None, **overrides) -> dict:
+    """Fresh pools with `passes` inpainting passes at the steps where sigma_i <= `below` (None: the
+    sampler's RESAMPLE_BELOW) and the EDIS flags in `overrides` (they stay set)."""
     plain = edis_iql.heun_sample
-    edis_iql.heun_sample = lambda *a, resample=1, **k: plain(*a, resample=min(resample, passes), **k)
+    edis_iql.heun_sample = lambda *a, resample=1, resample_below=math.inf, **k: plain(
+        *a, resample=min(resample, passes), resample_below=resample_below if below is None else below, **k)
     for k, v in overrides.items():
         setattr(edis.args, k, v)
     try:
@@ -67,7 +70,8 @@ def main():
     p.add_argument("--seeds", default="0,1,2", help="pool seeds per variant")
     p.add_argument("--variants", default="default,half,one-pass",
                    help="any of default (the defaults' pools at the run's size), half (half the rows), one-pass (one "
-                        "inpainting pass), same-sa (the transition energy's negatives inpainted at the positive's own "
+                        "inpainting pass), resample-everywhere (two inpainting passes at every step, not only at "
+                        "sigma_i <= sigma_data), same-sa (the transition energy's negatives inpainted at the positive's own "
                         "(s, a)), unguided-state-negatives (the state energy's negatives: unguided samples)")
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -76,11 +80,14 @@ def main():
     start = copy.deepcopy({"energies": edis.energies.state_dict(), "opt": edis.energy_opt.state_dict()})
     n = args.pool_size
     default = {"pool_size": n, "transition_negatives": "other-rows", "state_negatives": "inpainted"}
-    held = {k: (None, None, torch.cat(v)) for k, v in pools_with(edis, policy, real, shares, 10_000, **default).items()}
-    variants = {"default": (f"pool {n}, 2 passes", 2, {}), "half": (f"pool {n // 2}, 2 passes", 2, {"pool_size": n // 2}),
-                "one-pass": (f"pool {n}, 1 pass", 1, {}),
-                "same-sa": (f"pool {n}, same-(s, a) negatives", 2, {"transition_negatives": "same-sa"}),
-                "unguided-state-negatives": (f"pool {n}, unguided state negatives", 2, {"state_negatives": "unguided"})}
+    held = {k: (None, None, torch.cat(v))
+            for k, v in pools_with(edis, policy, real, shares, 10_000, below=math.inf, **default).items()}
+    variants = {"default": (f"pool {n}, 2 passes at sigma <= 1", 2, None, {}),
+                "half": (f"pool {n // 2}, 2 passes at sigma <= 1", 2, None, {"pool_size": n // 2}),
+                "one-pass": (f"pool {n}, 1 pass", 1, None, {}),
+                "resample-everywhere": (f"pool {n}, 2 passes everywhere", 2, math.inf, {}),
+                "same-sa": (f"pool {n}, same-(s, a) negatives", 2, None, {"transition_negatives": "same-sa"}),
+                "unguided-state-negatives": (f"pool {n}, unguided state negatives", 2, None, {"state_negatives": "unguided"})}
     unknown = set(a.variants.split(",")) - set(variants)
     if unknown:
         p.error(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join(variants)}")
@@ -88,11 +95,11 @@ def main():
                                                for k, v in check(b).items() if k == "dynamics_mse"}
     print(f"{a.run_dir}: {args.env}, {edis.cycles} cycles; held-out loss / top-1 at sigma <= 0.1, chance "
           f"{torch.log(torch.tensor(1.0 + args.energy_negatives)):.2f} / {1 / (1 + args.energy_negatives):.2f}")
-    for name, passes, overrides in (variants[v] for v in a.variants.split(",")):
+    for name, passes, below, overrides in (variants[v] for v in a.variants.split(",")):
         for seed in map(int, a.seeds.split(",")):
             edis.energies.load_state_dict(start["energies"])
             edis.energy_opt.load_state_dict(copy.deepcopy(start["opt"]))  # Adam would update the saved moments in place
-            pools = pools_with(edis, policy, real, shares, seed, passes, **{**default, **overrides})
+            pools = pools_with(edis, policy, real, shares, seed, passes, below, **{**default, **overrides})
             m = edis.train_energies(pools)
             with torch.no_grad(), edis.autocast():
                 torch.manual_seed(0)
