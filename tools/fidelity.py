@@ -25,9 +25,12 @@ apart.
     python tools/fidelity.py ~/edis_study/halfcheetah_mr_iql/edis/seed0 --self-check --drop 10,20
 
 With --schedules the run's own model samples under each sampler schedule SIGMA_MAX:STEPS (the
-scripts' --sigma-max and --sample-steps), --seeds times, with the budgets' checks on every row.
+scripts' --sigma-max and --sample-steps), or SIGMA_MAX:STEPS:BELOW (inpainting redoes the steps at
+sigma_i <= BELOW, "inf" for every step, instead of at RESAMPLE_BELOW), --seeds times, with the
+budgets' checks on every row: unguided samples, and inpaintings of real offline (s, a) and of real s.
 
     python tools/fidelity.py RUN_DIR --schedules 80:128,10:86,80:32,10:22 --rows 2000 --seeds 3
+    python tools/fidelity.py RUN_DIR --schedules 80:32:inf,80:32:1 --rows 2000 --seeds 5
 """
 from __future__ import annotations
 
@@ -105,22 +108,24 @@ def self_check(edis, offline, check, rows: int, drops: list[int], seed: int):
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}), flush=True)
 
 
-def schedules(edis, offline, check, specs: list[tuple[float, int]], rows: int, seeds: int, seed: int):
-    """The run's own model under each (sigma_max, steps): its unguided samples and its inpainting
-    of real offline (s, a), every row checked; mean and std over seeds."""
-    for sigma_max, steps in specs:  # seeds seed, seed + 1, ... for every schedule
+def schedules(edis, offline, check, specs: list[tuple[float, int, float]], rows: int, seeds: int, seed: int):
+    """The run's own model under each (sigma_max, steps, resample_below): its unguided samples and
+    its inpaintings of real offline (s, a) and of real s, every row checked; mean and std over seeds."""
+    for sigma_max, steps, below in specs:  # seeds seed, seed + 1, ... for every schedule
         edis.sigmas = edis_iql.karras_sigmas(steps, sigma_max)
+        edis_iql.RESAMPLE_BELOW = below  # EDIS.sample reads it at each call
         per_seed = {}
         for s in range(seed, seed + seeds):
             torch.manual_seed(100 + s)
             real, ref = edis.to_x(offline.sample(rows)), edis.to_x(offline.sample(rows))
             torch.manual_seed(s)
-            sets = {"unguided": edis.sample(rows), "inpainted": edis.inpaint([(real, edis.ds + edis.da)])[0]}
+            sets = {"unguided": edis.sample(rows),
+                    **dict(zip(("inpainted", "inpainted_s"), edis.inpaint([(real, edis.ds + edis.da), (real, edis.ds)])))}
             for name, x in sets.items():
                 for k, v in check.rows(edis.from_x(x), n_simulated=rows).items():
                     per_seed.setdefault(f"{name}_{k}", []).append(float(np.mean(v)))
             per_seed.setdefault("unguided_mmd", []).append(edis_iql.rbf_mmd(sets["unguided"], ref).item())
-        out = {"sigma_max": sigma_max, "steps": steps, "rows": rows, "seeds": seeds}
+        out = {"sigma_max": sigma_max, "steps": steps, "resample_below": below, "rows": rows, "seeds": seeds}
         for k, v in per_seed.items():
             out[k], out[f"{k}_std"] = round(float(np.mean(v)), 5), round(float(np.std(v)), 5)
         print(json.dumps(out), flush=True)
@@ -140,7 +145,7 @@ def main():
     p.add_argument("--drop", default=None, help="with --self-check: percentages of the most disagreeing rows to drop "
                    "(default 10,20)")
     p.add_argument("--schedules", default=None, help="check the run's own model under sampler schedules "
-                   "SIGMA_MAX:STEPS,... (no pretraining; see above)")
+                   "SIGMA_MAX:STEPS[:BELOW],... (no pretraining; see above)")
     p.add_argument("--seeds", type=int, default=None, help="with --schedules: seeds per schedule, from --seed on "
                    "(default 1)")
     a = p.parse_args()
@@ -155,12 +160,15 @@ def main():
         p.error("--seeds goes with --schedules (the budgets and --self-check take one --seed)")
     seeds = 1 if a.seeds is None else a.seeds
     try:
-        specs = [(float(m), int(n)) for m, n in (s.split(":") for s in a.schedules.split(","))] if a.schedules else []
+        specs = [(float(f[0]), int(f[1]), float(f[2]) if len(f) == 3 else edis_iql.RESAMPLE_BELOW)
+                 for f in (s.split(":") for s in a.schedules.split(",")) if len(f) in (2, 3)] if a.schedules else []
+        if a.schedules and len(specs) != len(a.schedules.split(",")):
+            raise ValueError
     except ValueError:
-        specs = [(0.0, 0)]
-    if not all(math.isfinite(m) and m > 0.1 and n >= 2 for m, n in specs):
-        p.error(f"--schedules {a.schedules}: give SIGMA_MAX:STEPS pairs with a finite SIGMA_MAX above 0.1 and STEPS "
-                f"at least 2, e.g. 80:128,10:86")
+        specs = [(0.0, 0, 0.0)]
+    if not all(math.isfinite(m) and m > 0.1 and n >= 2 and b >= 0 for m, n, b in specs):
+        p.error(f"--schedules {a.schedules}: give SIGMA_MAX:STEPS or SIGMA_MAX:STEPS:BELOW with a finite SIGMA_MAX "
+                f"above 0.1, STEPS at least 2 and BELOW at least 0 (inf: every step), e.g. 80:128,10:86,80:128:inf")
     if seeds < 1:
         p.error(f"--seeds {seeds}: must be at least 1")
     try:

@@ -64,6 +64,18 @@ def pools_with(edis, policy, real, shares, seed: int, passes: int = 2, below: fl
         edis_iql.heun_sample = plain
 
 
+def same_density_steps(steps: int, sigma_max: float, top: float = edis_iql.SIGMA_MAX) -> int:
+    """Sampler steps from sigma_max that keep the density of a `steps`-step schedule from `top` (docs/design.md §2.3)."""
+    r, lo = edis_iql.SIGMA_RHO, edis_iql.SIGMA_MIN ** (1 / edis_iql.SIGMA_RHO)
+    return round((steps - 1) * (sigma_max ** (1 / r) - lo) / (top ** (1 / r) - lo)) + 1
+
+
+def use_schedule(edis, sigma_max: float, steps: int):
+    """The sampler's schedule and the energies' training levels for (sigma_max, steps), as the scripts set them."""
+    edis.sigmas = edis_iql.karras_sigmas(steps, sigma_max)
+    edis.train_sigmas = torch.tensor(edis_iql.queried_sigmas(steps, sigma_max=sigma_max), device=edis.device)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path, help="a finished edis_iql.py run (config.json, checkpoint.pt)")
@@ -71,7 +83,8 @@ def main():
     p.add_argument("--variants", default="default,half,one-pass",
                    help="any of default (the defaults' pools at the run's size), half (half the rows), one-pass (one "
                         "inpainting pass), resample-everywhere (two inpainting passes at every step, not only at "
-                        "sigma_i <= sigma_data), same-sa (the transition energy's negatives inpainted at the positive's own "
+                        "sigma_i <= sigma_data), sigma-max-10 (pools, energy training and guided samples under --sigma-max 10 "
+                        "with the steps that keep the schedule's density, 22 for 32; scored at the run's levels), same-sa (the transition energy's negatives inpainted at the positive's own "
                         "(s, a)), unguided-state-negatives (the state energy's negatives: unguided samples)")
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -82,12 +95,15 @@ def main():
     default = {"pool_size": n, "transition_negatives": "other-rows", "state_negatives": "inpainted"}
     held = {k: (None, None, torch.cat(v))
             for k, v in pools_with(edis, policy, real, shares, 10_000, below=math.inf, **default).items()}
-    variants = {"default": (f"pool {n}, 2 passes at sigma <= 1", 2, None, {}),
-                "half": (f"pool {n // 2}, 2 passes at sigma <= 1", 2, None, {"pool_size": n // 2}),
-                "one-pass": (f"pool {n}, 1 pass", 1, None, {}),
-                "resample-everywhere": (f"pool {n}, 2 passes everywhere", 2, math.inf, {}),
-                "same-sa": (f"pool {n}, same-(s, a) negatives", 2, None, {"transition_negatives": "same-sa"}),
-                "unguided-state-negatives": (f"pool {n}, unguided state negatives", 2, None, {"state_negatives": "unguided"})}
+    own = (args.sigma_max, args.sample_steps)
+    fast = (10.0, same_density_steps(args.sample_steps, 10.0, args.sigma_max))
+    variants = {"default": (f"pool {n}, 2 passes at sigma <= 1", 2, None, own, {}),
+                "half": (f"pool {n // 2}, 2 passes at sigma <= 1", 2, None, own, {"pool_size": n // 2}),
+                "one-pass": (f"pool {n}, 1 pass", 1, None, own, {}),
+                "resample-everywhere": (f"pool {n}, 2 passes everywhere", 2, math.inf, own, {}),
+                "sigma-max-10": (f"pool {n}, sigma_max 10, {fast[1]} steps", 2, None, fast, {}),
+                "same-sa": (f"pool {n}, same-(s, a) negatives", 2, None, own, {"transition_negatives": "same-sa"}),
+                "unguided-state-negatives": (f"pool {n}, unguided state negatives", 2, None, own, {"state_negatives": "unguided"})}
     unknown = set(a.variants.split(",")) - set(variants)
     if unknown:
         p.error(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join(variants)}")
@@ -95,7 +111,8 @@ def main():
                                                for k, v in check(b).items() if k == "dynamics_mse"}
     print(f"{a.run_dir}: {args.env}, {edis.cycles} cycles; held-out loss / top-1 at sigma <= 0.1, chance "
           f"{torch.log(torch.tensor(1.0 + args.energy_negatives)):.2f} / {1 / (1 + args.energy_negatives):.2f}")
-    for name, passes, below, overrides in (variants[v] for v in a.variants.split(",")):
+    for name, passes, below, schedule, overrides in (variants[v] for v in a.variants.split(",")):
+        use_schedule(edis, *schedule)
         for seed in map(int, a.seeds.split(",")):
             edis.energies.load_state_dict(start["energies"])
             edis.energy_opt.load_state_dict(copy.deepcopy(start["opt"]))  # Adam would update the saved moments in place
