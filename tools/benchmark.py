@@ -1,10 +1,14 @@
 """Cost of each EDIS phase at a given size, measured on random data, and what one EDIS cycle and one
 learner update cost at the paper's settings. Usage: python tools/benchmark.py [--device cuda] [--precision fp32]
+With --schedules 80:128:inf 80:128 10:86 the sampler units are also timed under each schedule, the
+schedules interleaved in this process (round-robin), for ratios that a drifting machine does not skew.
 
 Every figure is a wall-clock time measured here (after a warm-up, with device syncs around each
 timed block, the minimum over repeats); the per-cycle lines multiply them by the cycle's counts."""
 from __future__ import annotations
 
+import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -52,20 +56,65 @@ class Bench:
     """episodes of the evaluation benchmark (0: skip it)"""
     eval_workers: tuple[int, ...] = (1, 2)
     """worker counts to time the same evaluation with (1: in the main process), as --eval-workers"""
+    schedules: tuple[str, ...] = ()
+    """sampler schedules SIGMA_MAX:STEPS[:BELOW] (BELOW: inpainting does the steps at sigma_i <= BELOW
+    twice, inf for every step; default the scripts' RESAMPLE_BELOW) whose sampler units to time against
+    each other, interleaved, --repeats rounds after a warm-up; medians, and each round's ratio to the first"""
+
+
+def once(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
 
 
 def timed(fn, device, repeats: int) -> float:
     fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return best
+    return min(once(fn, device) for _ in range(repeats))
+
+
+def parse_schedule(spec: str) -> tuple[float, int, float]:
+    f = spec.split(":")
+    try:
+        out = float(f[0]), int(f[1]), float(f[2]) if len(f) == 3 else edis_iql.RESAMPLE_BELOW
+    except (ValueError, IndexError):
+        out = (0.0, 0, 0.0)
+    if len(f) not in (2, 3) or not (math.isfinite(out[0]) and out[0] > 0.1 and out[1] >= 2 and out[2] >= 0):
+        sys.exit(f"--schedules {spec}: give SIGMA_MAX:STEPS or SIGMA_MAX:STEPS:BELOW with a finite SIGMA_MAX above "
+                 f"0.1, STEPS at least 2 and BELOW at least 0 (inf: every step), e.g. 80:128:inf 80:128 10:86")
+    return out
+
+
+def compare_schedules(b: Bench, edis, x, device, fixed: dict):
+    """The three sampler units under each schedule, interleaved; per row, medians over the rounds; and
+    the paper's cycle at each from those and the fixed units (fine-tune and energy steps)."""
+    specs = {s: parse_schedule(s) for s in b.schedules}
+    units = {"unguided sample": lambda: edis.sample(b.batch), "guided sample": lambda: edis.sample(b.batch, guided=True),
+             "inpainted sample": lambda: edis.inpaint([(x, edis.ds)])}
+    times = {(s, u): [] for s in specs for u in units}
+    plain = edis.sigmas, edis_iql.RESAMPLE_BELOW
+    for rnd in range(b.repeats + 1):  # round 0: warm-up
+        for s, (sigma_max, steps, below) in specs.items():
+            edis.sigmas, edis_iql.RESAMPLE_BELOW = edis_iql.karras_sigmas(steps, sigma_max), below
+            for u, fn in units.items():
+                t = once(fn, device)
+                if rnd:
+                    times[s, u].append(t / b.batch)
+    edis.sigmas, edis_iql.RESAMPLE_BELOW = plain
+    first = b.schedules[0]
+    d = edis_iql.EDISArgs()
+    print(f"sampler schedules, interleaved ({b.repeats} rounds; ms per row, median; in brackets each round's ratio to {first}):")
+    for s in specs:
+        med = {u: statistics.median(times[s, u]) for u in units}
+        ratios = {u: " ".join(f"{v / w:.2f}" for v, w in zip(times[s, u], times[first, u])) for u in units}
+        cycle = fixed + d.pool_size * med["unguided sample"] + edis.inpainted_pools() * d.pool_size * med["inpainted sample"] \
+            + d.num_generated * med["guided sample"]
+        print(f"  {s:14s} " + "  ".join(f"{u.split()[0]} {med[u] * 1e3:7.2f} ({ratios[u]})" for u in units)
+              + f"  cycle {cycle:8.1f} s")
 
 
 def evaluation(b: Bench, device):
@@ -128,6 +177,8 @@ def whole_run(r: dict, cycle_s: float, eval_per_step: dict):
 
 
 def main(b: Bench):
+    for s in b.schedules:  # bad input stops here, not after minutes of timing
+        parse_schedule(s)
     if b.threads:
         torch.set_num_threads(b.threads)
     device = common.pick_device(b.device)
@@ -187,6 +238,8 @@ def main(b: Bench):
     for k, v in cycle.items():
         print(f"  {k:45s} {v:10.1f} s")
     print(f"  {'total':45s} {sum(cycle.values()):10.1f} s")
+    if b.schedules:
+        compare_schedules(b, edis, x, device, cycle["diffusion fine-tune"] + cycle["energy training"])
     if b.eval_episodes:
         whole_run(r, sum(cycle.values()), evaluation(b, device))
 
