@@ -110,7 +110,7 @@ class EDISArgs:
 
 SIGMA_MIN, SIGMA_MAX, SIGMA_RHO = 0.002, 80.0, 7.0
 S_CHURN, S_NOISE = 80.0, 1.003
-RESAMPLE_BELOW = 1.0  # inpainting redoes only the steps at sigma_i <= sigma_data (docs/design.md §2.4)
+RESAMPLE_BELOW = math.inf  # inpainting redoes the steps at sigma_i <= this: all of them (1 was dropped, design §2.4)
 ENERGY_NAMES = ("state", "policy", "transition")
 
 

@@ -574,7 +574,7 @@ def test_pool_lever_variants_start_from_the_same_energies(runner, dirs):
                          env=child_env(dirs), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith("{")]
-    assert [r["variant"] for r in rows] == (["pool 1000, 2 passes at sigma <= 1"] * 2 + ["pool 2000, 1 pass"] * 2
+    assert [r["variant"] for r in rows] == (["pool 1000, 2 passes"] * 2 + ["pool 2000, 1 pass"] * 2
                                             + ["pool 2000, unguided state negatives"] * 2)
     for first, again in zip(rows[::2], rows[1::2]):
         assert first == again
@@ -636,13 +636,13 @@ def test_fidelity_schedules_see_a_sampler_with_too_few_steps(runner, dirs):
     MMD^2 0.42 against 0.025). A third field sets where inpainting redoes its steps."""
     p, run_dir = runner.get("edis_iql.py", "smoke")
     assert p.returncode == 0, describe(p)
-    out = subprocess.run([sys.executable, "tools/fidelity.py", str(run_dir), "--schedules", "80:2,80:16,10:12:inf",
+    out = subprocess.run([sys.executable, "tools/fidelity.py", str(run_dir), "--schedules", "80:2,80:16,10:12:1",
                           "--rows", "200", "--seeds", "2"], cwd=ROOT, env=child_env(dirs), capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith("{")]
     assert [(r["sigma_max"], r["steps"], r["resample_below"], r["seeds"]) for r in rows] == \
-        [(80.0, 2, 1.0, 2), (80.0, 16, 1.0, 2), (10.0, 12, math.inf, 2)]
+        [(80.0, 2, math.inf, 2), (80.0, 16, math.inf, 2), (10.0, 12, 1.0, 2)]
     assert rows[0]["unguided_mmd"] > 3 * rows[1]["unguided_mmd"], rows
     assert all(math.isfinite(r["inpainted_dynamics_mse"]) and math.isfinite(r["inpainted_s_dynamics_mse"]) for r in rows), rows
     bad = subprocess.run([sys.executable, "tools/fidelity.py", str(run_dir), "--schedules", "80"],

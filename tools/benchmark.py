@@ -1,6 +1,6 @@
 """Cost of each EDIS phase at a given size, measured on random data, and what one EDIS cycle and one
 learner update cost at the paper's settings. Usage: python tools/benchmark.py [--device cuda] [--precision fp32]
-With --schedules 80:128:inf 80:128 10:86 the sampler units are also timed under each schedule, the
+With --schedules 80:128 80:128:1 10:86 the sampler units are also timed under each schedule, the
 schedules interleaved in this process (round-robin), for ratios that a drifting machine does not skew.
 
 Every figure is a wall-clock time measured here (after a warm-up, with device syncs around each
@@ -58,7 +58,7 @@ class Bench:
     """worker counts to time the same evaluation with (1: in the main process), as --eval-workers"""
     schedules: tuple[str, ...] = ()
     """sampler schedules SIGMA_MAX:STEPS[:BELOW] (BELOW: inpainting does the steps at sigma_i <= BELOW
-    twice, inf for every step; default the scripts' RESAMPLE_BELOW) whose sampler units to time against
+    twice, inf for every step; default the scripts' RESAMPLE_BELOW, every step) whose sampler units to time against
     each other, interleaved, --repeats rounds after a warm-up; medians, and each round's ratio to the first"""
 
 
@@ -85,7 +85,7 @@ def parse_schedule(spec: str) -> tuple[float, int, float]:
         out = (0.0, 0, 0.0)
     if len(f) not in (2, 3) or not (math.isfinite(out[0]) and out[0] > 0.1 and out[1] >= 2 and out[2] >= 0):
         sys.exit(f"--schedules {spec}: give SIGMA_MAX:STEPS or SIGMA_MAX:STEPS:BELOW with a finite SIGMA_MAX above "
-                 f"0.1, STEPS at least 2 and BELOW at least 0 (inf: every step), e.g. 80:128:inf 80:128 10:86")
+                 f"0.1, STEPS at least 2 and BELOW at least 0 (inf: every step), e.g. 80:128 80:128:1 10:86")
     return out
 
 

@@ -25,12 +25,12 @@ apart.
     python tools/fidelity.py ~/edis_study/halfcheetah_mr_iql/edis/seed0 --self-check --drop 10,20
 
 With --schedules the run's own model samples under each sampler schedule SIGMA_MAX:STEPS (the
-scripts' --sigma-max and --sample-steps), or SIGMA_MAX:STEPS:BELOW (inpainting redoes the steps at
-sigma_i <= BELOW, "inf" for every step, instead of at RESAMPLE_BELOW), --seeds times, with the
+scripts' --sigma-max and --sample-steps), or SIGMA_MAX:STEPS:BELOW (inpainting does only the steps
+at sigma_i <= BELOW twice, not every step), --seeds times, with the
 budgets' checks on every row: unguided samples, and inpaintings of real offline (s, a) and of real s.
 
     python tools/fidelity.py RUN_DIR --schedules 80:128,10:86,80:32,10:22 --rows 2000 --seeds 3
-    python tools/fidelity.py RUN_DIR --schedules 80:32:inf,80:32:1 --rows 2000 --seeds 5
+    python tools/fidelity.py RUN_DIR --schedules 80:32,80:32:1 --rows 2000 --seeds 5
 """
 from __future__ import annotations
 
@@ -168,7 +168,7 @@ def main():
         specs = [(0.0, 0, 0.0)]
     if not all(math.isfinite(m) and m > 0.1 and n >= 2 and b >= 0 for m, n, b in specs):
         p.error(f"--schedules {a.schedules}: give SIGMA_MAX:STEPS or SIGMA_MAX:STEPS:BELOW with a finite SIGMA_MAX "
-                f"above 0.1, STEPS at least 2 and BELOW at least 0 (inf: every step), e.g. 80:128,10:86,80:128:inf")
+                f"above 0.1, STEPS at least 2 and BELOW at least 0 (inf: every step), e.g. 80:128,10:86,80:128:1")
     if seeds < 1:
         p.error(f"--seeds {seeds}: must be at least 1")
     try:

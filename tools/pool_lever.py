@@ -4,7 +4,7 @@ to the energies (docs/speed.md, "Pool levers"; docs/design.md §3.4, §3.5).
 From the last checkpoint of a finished `edis_iql.py` run (its diffusion model, energies, policy and
 buffers), each variant makes fresh pools, trains the energies from the checkpoint's weights as a cycle
 does, and is scored on what the issue names as quality: the energies' InfoNCE loss and top-1 on one
-common held-out pool (the run's --pool-size, two inpainting passes at every step, its own seed; each variant's
+common held-out pool (the run's --pool-size, two inpainting passes, its own seed; each variant's
 state energy is scored against the state negatives it was trained with),
 and what the guidance then does to 1,000 guided samples against unguided ones from the same noise
 (log pi, state MMD^2 to the positive buffer, the simulator's dynamics error).
@@ -82,8 +82,8 @@ def main():
     p.add_argument("--seeds", default="0,1,2", help="pool seeds per variant")
     p.add_argument("--variants", default="default,half,one-pass",
                    help="any of default (the defaults' pools at the run's size), half (half the rows), one-pass (one "
-                        "inpainting pass), resample-everywhere (two inpainting passes at every step, not only at "
-                        "sigma_i <= sigma_data), sigma-max-10 (pools, energy training and guided samples under --sigma-max 10 "
+                        "inpainting pass), resample-below-1 (the second inpainting pass only at the steps "
+                        "where sigma_i <= 1 = sigma_data), sigma-max-10 (pools, energy training and guided samples under --sigma-max 10 "
                         "with the steps that keep the schedule's density, 22 for 32; scored at the run's levels), same-sa (the transition energy's negatives inpainted at the positive's own "
                         "(s, a)), unguided-state-negatives (the state energy's negatives: unguided samples)")
     a = p.parse_args()
@@ -97,10 +97,10 @@ def main():
             for k, v in pools_with(edis, policy, real, shares, 10_000, below=math.inf, **default).items()}
     own = (args.sigma_max, args.sample_steps)
     fast = (10.0, same_density_steps(args.sample_steps, 10.0, args.sigma_max))
-    variants = {"default": (f"pool {n}, 2 passes at sigma <= 1", 2, None, own, {}),
-                "half": (f"pool {n // 2}, 2 passes at sigma <= 1", 2, None, own, {"pool_size": n // 2}),
+    variants = {"default": (f"pool {n}, 2 passes", 2, None, own, {}),
+                "half": (f"pool {n // 2}, 2 passes", 2, None, own, {"pool_size": n // 2}),
                 "one-pass": (f"pool {n}, 1 pass", 1, None, own, {}),
-                "resample-everywhere": (f"pool {n}, 2 passes everywhere", 2, math.inf, own, {}),
+                "resample-below-1": (f"pool {n}, 2 passes at sigma <= 1", 2, 1.0, own, {}),
                 "sigma-max-10": (f"pool {n}, sigma_max 10, {fast[1]} steps", 2, None, fast, {}),
                 "same-sa": (f"pool {n}, same-(s, a) negatives", 2, None, own, {"transition_negatives": "same-sa"}),
                 "unguided-state-negatives": (f"pool {n}, unguided state negatives", 2, None, own, {"state_negatives": "unguided"})}
