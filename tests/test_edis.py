@@ -443,9 +443,12 @@ def make_toy_edis(edis_mod, weights, offline, **kw):
         return edis_mod.EDIS(toy_args(edis_mod, weights, **kw), offline, DS, DA, False, CPU)
 
 
-def pretrain_toy(edis_mod, rows, seed):
+def pretrain_toy(edis_mod, make_rows, seed):
+    """The toy's diffusion model, trained on make_rows() drawn from `seed` as well: a test's data must
+    not depend on which tests ran before it (the rows were drawn from whatever state the global RNG
+    was left in)."""
     torch.manual_seed(seed)
-    offline = toy_buffer(rows)
+    offline = toy_buffer(make_rows())
     edis = make_toy_edis(edis_mod, (0.0, 0.0, 0.0), offline)
     metrics = edis.train_diffusion([offline], [1.0], 1000)
     assert torch.isfinite(metrics["diffusion/loss"])
@@ -484,7 +487,7 @@ def policy_state_cycle(edis_mod):
     instead of N(0, 1)): the two ratios read independent groups of coordinates ({s_2} and
     {s_1, a}), so their separately noised ratios add up to the exact noised ratio and the guided
     distribution has a closed form: s_1 ~ N(0, 1), s_2 ~ N(1, 0.5^2), a | s ~ pi."""
-    model = pretrain_toy(edis_mod, toy_rows(5000, dynamics=False), seed=10)
+    model = pretrain_toy(edis_mod, lambda: toy_rows(5000, dynamics=False), seed=10)
     torch.manual_seed(11)
     positive = toy_rows(2000, dynamics=False, s2_mean=1.0, s2_std=0.5)
     return run_toy_cycle(edis_mod, model, (1.0, 1.0, 0.0), positive,
@@ -528,7 +531,7 @@ def transition_toy_cycle(edis_mod, **kw):
     the rows and a wrong one in the other half: it stands for a wrong p_theta(s'|s, a). Real data
     (offline and online at the cycle) obeys the true dynamics, and its states are shifted
     (s_2 ~ N(0.7, 1)) from the model's. One cycle with transition guidance alone."""
-    model = pretrain_toy(edis_mod, toy_rows(5000, wrong_frac=0.5), seed=13)
+    model = pretrain_toy(edis_mod, lambda: toy_rows(5000, wrong_frac=0.5), seed=13)
     real = functools.partial(toy_rows, s2_mean=0.7)
     return run_toy_cycle(edis_mod, model, (0.0, 0.0, 1.0), toy_rows(2000), real, seed=14, **kw)
 
@@ -586,11 +589,11 @@ def test_state_energy_leaves_actions_alone_where_inpainting_is_biased():
     negatives (`--state-negatives unguided`, the version before), the energy learns "looks inpainted"
     and its guidance bends the actions toward the inpainting: guided minus unguided slope -0.11 to
     -0.22 over eight seeds (10-80, mean -0.17). With the inpainted negatives (the default) both sides
-    carry the bias: +0.07 to -0.09 (mean -0.05). Here (seed 50): -0.03, and -0.23 with the old
+    carry the bias: +0.07 to -0.09 (mean -0.05). Here (seed 50): -0.03, and -0.19 with the old
     negatives, which fail this test."""
     mod = importlib.import_module("edis_iql")  # the EDIS section is the same text in both scripts
     rows = functools.partial(toy_rows, dynamics=False)
-    model = pretrain_toy(mod, rows(5000), seed=50)
+    model = pretrain_toy(mod, lambda: rows(5000), seed=50)
     torch.manual_seed(51)
     positive = rows(2000)
     kw = dict(sample_steps=8, state_negatives="inpainted")
