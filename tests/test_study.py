@@ -59,7 +59,6 @@ def test_study_runs_skips_finished_resumes_checkpointed(tmp_path, monkeypatch, c
     assert "--resume" in (root / "bad/edis/seed0/stdout.log").read_text()
 
 
-
 def test_a_run_another_call_finished_meanwhile_is_kept(tmp_path, monkeypatch, capsys):
     """Catches the local pool restarting, and so wiping, a run that another study.py call finished
     after this call had read the grid: two calls over one root once lost a finished run's metrics

@@ -57,9 +57,9 @@ class Bench:
     eval_workers: tuple[int, ...] = (1, 2)
     """worker counts to time the same evaluation with (1: in the main process), as --eval-workers"""
     schedules: tuple[str, ...] = ()
-    """sampler schedules SIGMA_MAX:STEPS[:BELOW] (BELOW: inpainting does the steps at sigma_i <= BELOW
-    twice, inf for every step; default the scripts' RESAMPLE_BELOW, every step) whose sampler units to time against
-    each other, interleaved, --repeats rounds after a warm-up; medians, and each round's ratio to the first"""
+    """sampler schedules SIGMA_MAX:STEPS[:BELOW] whose sampler units to time against each other,
+    interleaved, --repeats rounds after a warm-up; medians, and each round's ratio to the first (BELOW:
+    inpainting does only the steps at sigma_i <= BELOW twice; default the scripts' RESAMPLE_BELOW, all)"""
 
 
 def once(fn, device) -> float:
@@ -77,22 +77,26 @@ def timed(fn, device, repeats: int) -> float:
     return min(once(fn, device) for _ in range(repeats))
 
 
-def parse_schedule(spec: str) -> tuple[float, int, float]:
+SCHEDULE_FORMAT = ("SIGMA_MAX:STEPS or SIGMA_MAX:STEPS:BELOW with a finite SIGMA_MAX above 0.1, STEPS at least 2 "
+                   "and BELOW at least 0 (inf: every step)")
+
+
+def parse_schedule(spec: str) -> tuple[float, int, float] | None:
+    """(sigma_max, steps, resample_below) from SIGMA_MAX:STEPS[:BELOW], or None if it is not one
+    (tools/fidelity.py reads its --schedules with it too)."""
     f = spec.split(":")
     try:
         out = float(f[0]), int(f[1]), float(f[2]) if len(f) == 3 else edis_iql.RESAMPLE_BELOW
     except (ValueError, IndexError):
-        out = (0.0, 0, 0.0)
-    if len(f) not in (2, 3) or not (math.isfinite(out[0]) and out[0] > 0.1 and out[1] >= 2 and out[2] >= 0):
-        sys.exit(f"--schedules {spec}: give SIGMA_MAX:STEPS or SIGMA_MAX:STEPS:BELOW with a finite SIGMA_MAX above "
-                 f"0.1, STEPS at least 2 and BELOW at least 0 (inf: every step), e.g. 80:128 80:128:1 10:86")
-    return out
+        return None
+    ok = len(f) in (2, 3) and math.isfinite(out[0]) and out[0] > 0.1 and out[1] >= 2 and out[2] >= 0
+    return out if ok else None
 
 
-def compare_schedules(b: Bench, edis, x, device, fixed: dict):
+def compare_schedules(b: Bench, edis, x, device, fixed: float):
     """The three sampler units under each schedule, interleaved; per row, medians over the rounds; and
     the paper's cycle at each from those and the fixed units (fine-tune and energy steps)."""
-    specs = {s: parse_schedule(s) for s in b.schedules}
+    specs = {s: parse_schedule(s) for s in b.schedules}  # checked in main()
     units = {"unguided sample": lambda: edis.sample(b.batch), "guided sample": lambda: edis.sample(b.batch, guided=True),
              "inpainted sample": lambda: edis.inpaint([(x, edis.ds)])}
     times = {(s, u): [] for s in specs for u in units}
@@ -178,7 +182,8 @@ def whole_run(r: dict, cycle_s: float, eval_per_step: dict):
 
 def main(b: Bench):
     for s in b.schedules:  # bad input stops here, not after minutes of timing
-        parse_schedule(s)
+        if parse_schedule(s) is None:
+            sys.exit(f"--schedules {s}: give {SCHEDULE_FORMAT}, e.g. 80:128 80:128:1 10:86")
     if b.threads:
         torch.set_num_threads(b.threads)
     device = common.pick_device(b.device)

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 
 from pool_lever import rebuild  # the run's EDIS, buffers and checks; it also puts the scripts on sys.path
+from benchmark import SCHEDULE_FORMAT, parse_schedule  # noqa: E402
 
 import edis_iql  # noqa: E402
 
@@ -159,16 +159,9 @@ def main():
     if a.seeds is not None and not a.schedules:
         p.error("--seeds goes with --schedules (the budgets and --self-check take one --seed)")
     seeds = 1 if a.seeds is None else a.seeds
-    try:
-        specs = [(float(f[0]), int(f[1]), float(f[2]) if len(f) == 3 else edis_iql.RESAMPLE_BELOW)
-                 for f in (s.split(":") for s in a.schedules.split(",")) if len(f) in (2, 3)] if a.schedules else []
-        if a.schedules and len(specs) != len(a.schedules.split(",")):
-            raise ValueError
-    except ValueError:
-        specs = [(0.0, 0, 0.0)]
-    if not all(math.isfinite(m) and m > 0.1 and n >= 2 and b >= 0 for m, n, b in specs):
-        p.error(f"--schedules {a.schedules}: give SIGMA_MAX:STEPS or SIGMA_MAX:STEPS:BELOW with a finite SIGMA_MAX "
-                f"above 0.1, STEPS at least 2 and BELOW at least 0 (inf: every step), e.g. 80:128,10:86,80:128:1")
+    specs = [parse_schedule(s) for s in a.schedules.split(",")] if a.schedules else []
+    if None in specs:
+        p.error(f"--schedules {a.schedules}: give {SCHEDULE_FORMAT}, comma-separated, e.g. 80:128,10:86,80:128:1")
     if seeds < 1:
         p.error(f"--seeds {seeds}: must be at least 1")
     try:

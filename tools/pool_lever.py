@@ -83,9 +83,11 @@ def main():
     p.add_argument("--variants", default="default,half,one-pass",
                    help="any of default (the defaults' pools at the run's size), half (half the rows), one-pass (one "
                         "inpainting pass), resample-below-1 (the second inpainting pass only at the steps "
-                        "where sigma_i <= 1 = sigma_data), sigma-max-10 (pools, energy training and guided samples under --sigma-max 10 "
-                        "with the steps that keep the schedule's density, 22 for 32; scored at the run's levels), same-sa (the transition energy's negatives inpainted at the positive's own "
-                        "(s, a)), unguided-state-negatives (the state energy's negatives: unguided samples)")
+                        "where sigma_i <= 1 = sigma_data), sigma-max-10 (pools, energy training and guided "
+                        "samples under --sigma-max 10 with the steps that keep the schedule's density, 22 for "
+                        "32; scored at the run's levels), same-sa (the transition energy's negatives inpainted "
+                        "at the positive's own (s, a)), unguided-state-negatives (the state energy's negatives: "
+                        "unguided samples)")
     a = p.parse_args()
     torch.set_num_threads(1)
     args, edis, policy, offline, online, check = rebuild(a.run_dir)

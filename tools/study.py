@@ -327,7 +327,7 @@ def main(argv=None):
     collect_data(runs)
     if args.executor != "local":
         return run_submitit(todo, root, args)
-    run_local([(name, d, script, flags) for name, d, script, flags in todo], root, args.jobs)
+    run_local(todo, root, args.jobs)
     print(f"all done. Table and curves: python tools/summarize.py {root} --plot {root / 'curves.png'}")
 
 
