@@ -109,7 +109,6 @@ class EDISArgs:
 
 SIGMA_MIN, SIGMA_MAX, SIGMA_RHO = 0.002, 80.0, 7.0
 S_CHURN, S_NOISE = 80.0, 1.003
-RESAMPLE_BELOW = math.inf  # inpainting redoes the steps at sigma_i <= this: all of them (1 was dropped, design §2.4)
 ENERGY_NAMES = ("state", "policy", "transition")
 
 
@@ -173,13 +172,11 @@ def churn_gamma(sigma: float, n: int, everywhere: bool) -> float:
 
 
 @torch.no_grad()
-def heun_sample(denoise, x, sigmas, guide=None, known=None, resample: int = 1, resample_below: float = math.inf,
-                tick=None):
+def heun_sample(denoise, x, sigmas, guide=None, known=None, resample: int = 1, tick=None):
     """The one EDM sampler (Heun, 2nd order, stochastic churn) behind unguided sampling, guided
     sampling and inpainting. x: noise * sigmas[0]; denoise(x, sigma) -> D(x; sigma); guide(x, sigma)
     -> grad_x sum_k w_k f_k (added to the score); known = (mask, values): inpainting by replacement,
-    with churn kept on down to sigma_min and each step at sigma_i <= resample_below done `resample`
-    times (RePaint-style).
+    with churn kept on down to sigma_min and each step done `resample` times (RePaint-style).
     tick(rows), if given, is called after every pass of a step (progress display; host ints only)."""
     n = len(sigmas) - 1
 
@@ -196,15 +193,14 @@ def heun_sample(denoise, x, sigmas, guide=None, known=None, resample: int = 1, r
         s, s_next = sigmas[i], sigmas[i + 1]
         gamma = churn_gamma(s, n, everywhere=known is not None)
         s_hat = s * (1 + gamma)
-        passes = resample if s <= resample_below else 1
-        for r in range(passes):
+        for r in range(resample):
             x_hat = x + math.sqrt(s_hat**2 - s**2) * S_NOISE * torch.randn_like(x)
             d = slope(x_hat, s_hat)
             x_next = x_hat + (s_next - s_hat) * d
             if s_next > 0:
                 x_next = x_hat + (s_next - s_hat) * 0.5 * (d + slope(x_next, s_next))
             x_next = impose(x_next, s_next)
-            if r < passes - 1:  # back to sigma_i and redo the step
+            if r < resample - 1:  # back to sigma_i and redo the step
                 x = x_next + math.sqrt(s**2 - s_next**2) * torch.randn_like(x)
             if tick is not None:
                 tick(len(x))
@@ -410,8 +406,7 @@ class EDIS:
             kn = None if known is None else (known[0][i:i + m], known[1][i:i + m])
             x = torch.randn(m, len(self.x_mean), device=self.device) * self.sigmas[0]
             out.append(heun_sample(self.denoise, x, self.sigmas, guide=self.guide if guided else None,
-                                   known=kn, resample=2 if known is not None else 1, resample_below=RESAMPLE_BELOW,
-                                   tick=tick))
+                                   known=kn, resample=2 if known is not None else 1, tick=tick))
         return torch.cat(out)
 
     def generate(self, n: int, guided: bool, tick=None) -> torch.Tensor:
@@ -422,14 +417,14 @@ class EDIS:
         return self.inpaint([(self.to_x(self.positive_buffer.sample(n)), self.ds)], tick, guided)[0]
 
     def sampler_work(self, n: int, inpainted: bool = False) -> int:
-        """Rows x step passes that sampling n rows takes (the progress bar's unit): every step once,
-        and when inpainting, the steps at sigma_i <= RESAMPLE_BELOW twice."""
-        return n * (len(self.sigmas) - 1 + (sum(s <= RESAMPLE_BELOW for s in self.sigmas[:-1]) if inpainted else 0))
+        """Rows x step passes that sampling n rows takes (the progress bar's unit): inpainting does
+        every step twice."""
+        return n * (len(self.sigmas) - 1) * (2 if inpainted else 1)
 
     def guide_rows(self, n: int, inpainted: bool = False) -> int:
-        """Rows that guide() sees when n rows are sampled guided: two per pass, one in the last step's."""
-        last = 2 if inpainted and self.sigmas[-2] <= RESAMPLE_BELOW else 1  # passes of the last step (to sigma = 0)
-        return 2 * self.sampler_work(n, inpainted) - n * last
+        """Rows that guide() sees when n rows are sampled guided: two per step pass, one in the last
+        step's (to sigma = 0)."""
+        return n * (2 if inpainted else 1) * (2 * (len(self.sigmas) - 1) - 1)
 
     def inpaint(self, jobs: list[tuple[torch.Tensor, int]], tick=None, guided: bool = False) -> list[torch.Tensor]:
         """Each job (x, k): complete the rows of x given their first k coordinates ([s] for k = ds,

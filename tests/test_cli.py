@@ -633,18 +633,17 @@ def test_fidelity_schedules_see_a_sampler_with_too_few_steps(runner, dirs):
     """tools/fidelity.py --schedules samples the run's own model under each SIGMA_MAX:STEPS: one row
     per schedule, and two Heun steps from sigma 80 (the second slope, at sigma 0.002, is about 0, so
     half the starting noise survives) must land much farther from the data than sixteen (measured:
-    MMD^2 0.42 against 0.025). A third field sets where inpainting redoes its steps."""
+    MMD^2 0.42 against 0.025)."""
     p, run_dir = runner.get("edis_iql.py", "smoke")
     assert p.returncode == 0, describe(p)
-    out = subprocess.run([sys.executable, "tools/fidelity.py", str(run_dir), "--schedules", "80:2,80:16,10:12:1",
+    out = subprocess.run([sys.executable, "tools/fidelity.py", str(run_dir), "--schedules", "80:2,80:16,10:12",
                           "--rows", "200", "--seeds", "2"], cwd=ROOT, env=child_env(dirs), capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith("{")]
-    assert [(r["sigma_max"], r["steps"], r["resample_below"], r["seeds"]) for r in rows] == \
-        [(80.0, 2, math.inf, 2), (80.0, 16, math.inf, 2), (10.0, 12, 1.0, 2)]
+    assert [(r["sigma_max"], r["steps"], r["seeds"]) for r in rows] == [(80.0, 2, 2), (80.0, 16, 2), (10.0, 12, 2)]
     assert rows[0]["unguided_mmd"] > 3 * rows[1]["unguided_mmd"], rows
     assert all(math.isfinite(r["inpainted_dynamics_mse"]) and math.isfinite(r["inpainted_s_dynamics_mse"]) for r in rows), rows
-    bad = subprocess.run([sys.executable, "tools/fidelity.py", str(run_dir), "--schedules", "80"],
+    bad = subprocess.run([sys.executable, "tools/fidelity.py", str(run_dir), "--schedules", "80:16:1"],
                          cwd=ROOT, env=child_env(dirs), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "SIGMA_MAX:STEPS" in bad.stderr.strip().splitlines()[-1], bad.stderr

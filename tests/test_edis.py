@@ -250,57 +250,23 @@ def test_inpainting_bimodal_conditional(edis_mod):
 
 
 @ONE_SCRIPT
-def test_inpainting_redoes_only_the_steps_below_resample_below(edis_mod):
-    """heun_sample's resample_below (the lever docs/design.md §2.4 measured and dropped; the tools vary
-    it): redoing only the steps at sigma_i <= 1 = sigma_data matches redoing every step on the
-    Gaussian and the bimodal conditionals' marginal checks, and stopping four times lower costs
-    accuracy, so the argument does act where it says."""
-    below = 1.0
-    rho, n = 0.8, 8000
-    gauss, gmm = gaussian_denoiser([[1.0, rho], [rho, 1.0]]), GMM([[1.0, 2.0], [1.0, -2.0], [-1.0, 0.0]], [0.3] * 3, [0.1, 0.1, 0.8])
-    mask = torch.tensor([True, False])
-    sigmas = edis_mod.karras_sigmas(32)
-    mean, between = {}, {}
-    for r in (math.inf, below, below / 4):
-        for name, denoise, c in (("gauss", gauss, 1.0), ("gmm", gmm.denoise, 1.0)):
-            xs = []
-            for seed in range(3):
-                torch.manual_seed(seed)
-                values = torch.full((n, 2), c)
-                xs.append(edis_mod.heun_sample(denoise, torch.randn(n, 2) * sigmas[0], sigmas, known=(mask, values),
-                                               resample=2, resample_below=r)[:, 1])
-            x2 = torch.cat(xs)
-            if name == "gauss":
-                mean[r] = x2.mean().item()  # exact 0.8; replacement's bias pulls it towards 0
-            else:
-                between[r] = (x2.abs() < 2 - 3 * 0.3).float().mean().item()
-    assert abs(mean[below] - mean[math.inf]) < 0.015, mean
-    assert mean[math.inf] - mean[below / 4] > 0.03, mean
-    assert between[below] < between[math.inf] + 0.006 and between[below / 4] > between[math.inf] + 0.008, between
-
-
-@ONE_SCRIPT
-def test_progress_and_clip_rate_count_every_sampler_pass(edis_mod, monkeypatch):
-    """EDIS.sampler_work is what the sampler ticks (inpainting redoes the steps at sigma_i <=
-    RESAMPLE_BELOW: all by default, some when a tool sets it) and EDIS.guide_rows is how many rows
-    guide() sees: the units of the progress bars and the denominator of gen/guidance_clip_rate."""
+def test_progress_and_clip_rate_count_every_sampler_pass(edis_mod):
+    """EDIS.sampler_work is what the sampler ticks (inpainting does every step twice) and
+    EDIS.guide_rows is how many rows guide() sees: the units of the progress bars and the
+    denominator of gen/guidance_clip_rate."""
     torch.manual_seed(22)
     edis, offline = tiny_edis(edis_mod, sample_steps=8)
     x = edis.to_x(offline.sample(30))
     plain_guide, seen = edis.guide, []
     edis.guide = lambda x, s: (seen.append(len(x)), plain_guide(x, s))[1]
-    for below, redone in ((edis_mod.RESAMPLE_BELOW, 8), (1.0, sum(s <= 1.0 for s in edis.sigmas[:-1]))):
-        monkeypatch.setattr(edis_mod, "RESAMPLE_BELOW", below)
-        for inpainted in (False, True):
-            ticks, seen[:] = [], []
-            if inpainted:
-                edis.inpaint([(x, 2)], ticks.append, guided=True)
-            else:
-                edis.sample(30, guided=True, tick=ticks.append)
-            assert sum(ticks) == edis.sampler_work(30, inpainted), (below, inpainted, sum(ticks))
-            assert sum(seen) == edis.guide_rows(30, inpainted), (below, inpainted, sum(seen))
-        assert edis.sampler_work(1, True) == 8 + redone
-    assert 0 < redone < 8
+    for inpainted in (False, True):
+        ticks, seen[:] = [], []
+        if inpainted:
+            edis.inpaint([(x, 2)], ticks.append, guided=True)
+        else:
+            edis.sample(30, guided=True, tick=ticks.append)
+        assert sum(ticks) == edis.sampler_work(30, inpainted) == 30 * 8 * (1 + inpainted), (inpainted, sum(ticks))
+        assert sum(seen) == edis.guide_rows(30, inpainted), (inpainted, sum(seen))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Cost of each EDIS phase at a given size, measured on random data, and what one EDIS cycle and one
 learner update cost at the paper's settings. Usage: python tools/benchmark.py [--device cuda] [--precision fp32]
-With --schedules 80:128 80:128:1 10:86 the sampler units are also timed under each schedule, the
+With --schedules 80:128 10:86 the sampler units are also timed under each schedule, the
 schedules interleaved in this process (round-robin), for ratios that a drifting machine does not skew.
 
 Every figure is a wall-clock time measured here (after a warm-up, with device syncs around each
@@ -57,9 +57,8 @@ class Bench:
     eval_workers: tuple[int, ...] = (1, 2)
     """worker counts to time the same evaluation with (1: in the main process), as --eval-workers"""
     schedules: tuple[str, ...] = ()
-    """sampler schedules SIGMA_MAX:STEPS[:BELOW] whose sampler units to time against each other,
-    interleaved, --repeats rounds after a warm-up; medians, and each round's ratio to the first (BELOW:
-    inpainting does only the steps at sigma_i <= BELOW twice; default the scripts' RESAMPLE_BELOW, all)"""
+    """sampler schedules SIGMA_MAX:STEPS whose sampler units to time against each other, interleaved,
+    --repeats rounds after a warm-up; medians, and each round's ratio to the first"""
 
 
 def once(fn, device) -> float:
@@ -77,19 +76,18 @@ def timed(fn, device, repeats: int) -> float:
     return min(once(fn, device) for _ in range(repeats))
 
 
-SCHEDULE_FORMAT = ("SIGMA_MAX:STEPS or SIGMA_MAX:STEPS:BELOW with a finite SIGMA_MAX above 0.1, STEPS at least 2 "
-                   "and BELOW at least 0 (inf: every step)")
+SCHEDULE_FORMAT = "SIGMA_MAX:STEPS with a finite SIGMA_MAX above 0.1 and STEPS at least 2"
 
 
-def parse_schedule(spec: str) -> tuple[float, int, float] | None:
-    """(sigma_max, steps, resample_below) from SIGMA_MAX:STEPS[:BELOW], or None if it is not one
-    (tools/fidelity.py reads its --schedules with it too)."""
+def parse_schedule(spec: str) -> tuple[float, int] | None:
+    """(sigma_max, steps) from SIGMA_MAX:STEPS, or None if it is not one (tools/fidelity.py reads its
+    --schedules with it too)."""
     f = spec.split(":")
     try:
-        out = float(f[0]), int(f[1]), float(f[2]) if len(f) == 3 else edis_iql.RESAMPLE_BELOW
+        out = float(f[0]), int(f[1])
     except (ValueError, IndexError):
         return None
-    ok = len(f) in (2, 3) and math.isfinite(out[0]) and out[0] > 0.1 and out[1] >= 2 and out[2] >= 0
+    ok = len(f) == 2 and math.isfinite(out[0]) and out[0] > 0.1 and out[1] >= 2
     return out if ok else None
 
 
@@ -100,15 +98,15 @@ def compare_schedules(b: Bench, edis, x, device, fixed: float):
     units = {"unguided sample": lambda: edis.sample(b.batch), "guided sample": lambda: edis.sample(b.batch, guided=True),
              "inpainted sample": lambda: edis.inpaint([(x, edis.ds)])}
     times = {(s, u): [] for s in specs for u in units}
-    plain = edis.sigmas, edis_iql.RESAMPLE_BELOW
+    plain = edis.sigmas
     for rnd in range(b.repeats + 1):  # round 0: warm-up
-        for s, (sigma_max, steps, below) in specs.items():
-            edis.sigmas, edis_iql.RESAMPLE_BELOW = edis_iql.karras_sigmas(steps, sigma_max), below
+        for s, (sigma_max, steps) in specs.items():
+            edis.sigmas = edis_iql.karras_sigmas(steps, sigma_max)
             for u, fn in units.items():
                 t = once(fn, device)
                 if rnd:
                     times[s, u].append(t / b.batch)
-    edis.sigmas, edis_iql.RESAMPLE_BELOW = plain
+    edis.sigmas = plain
     first = b.schedules[0]
     d = edis_iql.EDISArgs()
     print(f"sampler schedules, interleaved ({b.repeats} rounds; ms per row, median; in brackets each round's ratio to {first}):")
@@ -183,7 +181,7 @@ def whole_run(r: dict, cycle_s: float, eval_per_step: dict):
 def main(b: Bench):
     for s in b.schedules:  # bad input stops here, not after minutes of timing
         if parse_schedule(s) is None:
-            sys.exit(f"--schedules {s}: give {SCHEDULE_FORMAT}, e.g. 80:128 80:128:1 10:86")
+            sys.exit(f"--schedules {s}: give {SCHEDULE_FORMAT}, e.g. 80:128 10:86")
     if b.threads:
         torch.set_num_threads(b.threads)
     device = common.pick_device(b.device)

@@ -25,12 +25,10 @@ apart.
     python tools/fidelity.py ~/edis_study/halfcheetah_mr_iql/edis/seed0 --self-check --drop 10,20
 
 With --schedules the run's own model samples under each sampler schedule SIGMA_MAX:STEPS (the
-scripts' --sigma-max and --sample-steps), or SIGMA_MAX:STEPS:BELOW (inpainting does only the steps
-at sigma_i <= BELOW twice, not every step), --seeds times, with the
-budgets' checks on every row: unguided samples, and inpaintings of real offline (s, a) and of real s.
+scripts' --sigma-max and --sample-steps), --seeds times, with the budgets' checks on every row:
+unguided samples, and inpaintings of real offline (s, a) and of real s.
 
     python tools/fidelity.py RUN_DIR --schedules 80:128,10:86,80:32,10:22 --rows 2000 --seeds 3
-    python tools/fidelity.py RUN_DIR --schedules 80:32,80:32:1 --rows 2000 --seeds 5
 """
 from __future__ import annotations
 
@@ -108,12 +106,11 @@ def self_check(edis, offline, check, rows: int, drops: list[int], seed: int):
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}), flush=True)
 
 
-def schedules(edis, offline, check, specs: list[tuple[float, int, float]], rows: int, seeds: int, seed: int):
-    """The run's own model under each (sigma_max, steps, resample_below): its unguided samples and
+def schedules(edis, offline, check, specs: list[tuple[float, int]], rows: int, seeds: int, seed: int):
+    """The run's own model under each (sigma_max, steps): its unguided samples and
     its inpaintings of real offline (s, a) and of real s, every row checked; mean and std over seeds."""
-    for sigma_max, steps, below in specs:  # seeds seed, seed + 1, ... for every schedule
+    for sigma_max, steps in specs:  # seeds seed, seed + 1, ... for every schedule
         edis.sigmas = edis_iql.karras_sigmas(steps, sigma_max)
-        edis_iql.RESAMPLE_BELOW = below  # EDIS.sample reads it at each call
         per_seed = {}
         for s in range(seed, seed + seeds):
             torch.manual_seed(100 + s)
@@ -125,7 +122,7 @@ def schedules(edis, offline, check, specs: list[tuple[float, int, float]], rows:
                 for k, v in check.rows(edis.from_x(x), n_simulated=rows).items():
                     per_seed.setdefault(f"{name}_{k}", []).append(float(np.mean(v)))
             per_seed.setdefault("unguided_mmd", []).append(edis_iql.rbf_mmd(sets["unguided"], ref).item())
-        out = {"sigma_max": sigma_max, "steps": steps, "resample_below": below, "rows": rows, "seeds": seeds}
+        out = {"sigma_max": sigma_max, "steps": steps, "rows": rows, "seeds": seeds}
         for k, v in per_seed.items():
             out[k], out[f"{k}_std"] = round(float(np.mean(v)), 5), round(float(np.std(v)), 5)
         print(json.dumps(out), flush=True)
@@ -145,7 +142,7 @@ def main():
     p.add_argument("--drop", default=None, help="with --self-check: percentages of the most disagreeing rows to drop "
                    "(default 10,20)")
     p.add_argument("--schedules", default=None, help="check the run's own model under sampler schedules "
-                   "SIGMA_MAX:STEPS[:BELOW],... (no pretraining; see above)")
+                   "SIGMA_MAX:STEPS,... (no pretraining; see above)")
     p.add_argument("--seeds", type=int, default=None, help="with --schedules: seeds per schedule, from --seed on "
                    "(default 1)")
     a = p.parse_args()
@@ -161,7 +158,7 @@ def main():
     seeds = 1 if a.seeds is None else a.seeds
     specs = [parse_schedule(s) for s in a.schedules.split(",")] if a.schedules else []
     if None in specs:
-        p.error(f"--schedules {a.schedules}: give {SCHEDULE_FORMAT}, comma-separated, e.g. 80:128,10:86,80:128:1")
+        p.error(f"--schedules {a.schedules}: give {SCHEDULE_FORMAT}, comma-separated, e.g. 80:128,10:86")
     if seeds < 1:
         p.error(f"--seeds {seeds}: must be at least 1")
     try:

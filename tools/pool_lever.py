@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -49,12 +48,10 @@ def rebuild(run_dir: Path):
     return args, edis, learner.actor, offline, online, check
 
 
-def pools_with(edis, policy, real, shares, seed: int, passes: int = 2, below: float | None = None, **overrides) -> dict:
-    """Fresh pools with `passes` inpainting passes at the steps where sigma_i <= `below` (None: the
-    sampler's RESAMPLE_BELOW) and the EDIS flags in `overrides` (they stay set)."""
+def pools_with(edis, policy, real, shares, seed: int, passes: int = 2, **overrides) -> dict:
+    """Fresh pools with `passes` inpainting passes and the EDIS flags in `overrides` (they stay set)."""
     plain = edis_iql.heun_sample
-    edis_iql.heun_sample = lambda *a, resample=1, resample_below=math.inf, **k: plain(
-        *a, resample=min(resample, passes), resample_below=resample_below if below is None else below, **k)
+    edis_iql.heun_sample = lambda *a, resample=1, **k: plain(*a, resample=min(resample, passes), **k)
     for k, v in overrides.items():
         setattr(edis.args, k, v)
     try:
@@ -82,8 +79,7 @@ def main():
     p.add_argument("--seeds", default="0,1,2", help="pool seeds per variant")
     p.add_argument("--variants", default="default,half,one-pass",
                    help="any of default (the defaults' pools at the run's size), half (half the rows), one-pass (one "
-                        "inpainting pass), resample-below-1 (the second inpainting pass only at the steps "
-                        "where sigma_i <= 1 = sigma_data), sigma-max-10 (pools, energy training and guided "
+                        "inpainting pass), sigma-max-10 (pools, energy training and guided "
                         "samples under --sigma-max 10 with the steps that keep the schedule's density, 22 for "
                         "32; scored at the run's levels), same-sa (the transition energy's negatives inpainted "
                         "at the positive's own (s, a)), unguided-state-negatives (the state energy's negatives: "
@@ -96,16 +92,15 @@ def main():
     n = args.pool_size
     default = {"pool_size": n, "transition_negatives": "other-rows", "state_negatives": "inpainted"}
     held = {k: (None, None, torch.cat(v))
-            for k, v in pools_with(edis, policy, real, shares, 10_000, below=math.inf, **default).items()}
+            for k, v in pools_with(edis, policy, real, shares, 10_000, **default).items()}
     own = (args.sigma_max, args.sample_steps)
     fast = (10.0, same_density_steps(args.sample_steps, 10.0, args.sigma_max))
-    variants = {"default": (f"pool {n}, 2 passes", 2, None, own, {}),
-                "half": (f"pool {n // 2}, 2 passes", 2, None, own, {"pool_size": n // 2}),
-                "one-pass": (f"pool {n}, 1 pass", 1, None, own, {}),
-                "resample-below-1": (f"pool {n}, 2 passes at sigma <= 1", 2, 1.0, own, {}),
-                "sigma-max-10": (f"pool {n}, sigma_max 10, {fast[1]} steps", 2, None, fast, {}),
-                "same-sa": (f"pool {n}, same-(s, a) negatives", 2, None, own, {"transition_negatives": "same-sa"}),
-                "unguided-state-negatives": (f"pool {n}, unguided state negatives", 2, None, own, {"state_negatives": "unguided"})}
+    variants = {"default": (f"pool {n}, 2 passes", 2, own, {}),
+                "half": (f"pool {n // 2}, 2 passes", 2, own, {"pool_size": n // 2}),
+                "one-pass": (f"pool {n}, 1 pass", 1, own, {}),
+                "sigma-max-10": (f"pool {n}, sigma_max 10, {fast[1]} steps", 2, fast, {}),
+                "same-sa": (f"pool {n}, same-(s, a) negatives", 2, own, {"transition_negatives": "same-sa"}),
+                "unguided-state-negatives": (f"pool {n}, unguided state negatives", 2, own, {"state_negatives": "unguided"})}
     unknown = set(a.variants.split(",")) - set(variants)
     if unknown:
         p.error(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join(variants)}")
@@ -113,12 +108,12 @@ def main():
                                                for k, v in check(b).items() if k == "dynamics_mse"}
     print(f"{a.run_dir}: {args.env}, {edis.cycles} cycles; held-out loss / top-1 at sigma <= 0.1, chance "
           f"{torch.log(torch.tensor(1.0 + args.energy_negatives)):.2f} / {1 / (1 + args.energy_negatives):.2f}")
-    for name, passes, below, schedule, overrides in (variants[v] for v in a.variants.split(",")):
+    for name, passes, schedule, overrides in (variants[v] for v in a.variants.split(",")):
         use_schedule(edis, *schedule)
         for seed in map(int, a.seeds.split(",")):
             edis.energies.load_state_dict(start["energies"])
             edis.energy_opt.load_state_dict(copy.deepcopy(start["opt"]))  # Adam would update the saved moments in place
-            pools = pools_with(edis, policy, real, shares, seed, passes, below, **{**default, **overrides})
+            pools = pools_with(edis, policy, real, shares, seed, passes, **{**default, **overrides})
             m = edis.train_energies(pools)
             with torch.no_grad(), edis.autocast():
                 torch.manual_seed(0)
