@@ -352,6 +352,10 @@ class EDIS:
         parts = torch.split(x * self.x_std + self.x_mean, [self.dims[f] for f in self.fields], 1)
         out = dict(zip(self.fields, parts))
         out["rewards"] = out["rewards"].squeeze(1)
+        # The learners act in [-1, 1] (common.load_task maps every task there) and the simulators clip a
+        # control to its range, so a generated action beyond the box is the transition of the clipped one.
+        # Unclipped, it is an action no policy takes (on the study's models 11-76% of rows had one).
+        out["actions"] = out["actions"].clamp(-1, 1)
         if self.args.next_state == "step":
             out["next_obs"] = out["obs"] + out["next_obs"]
         if self.reward_fn is not None:
@@ -643,9 +647,13 @@ class EDIS:
         positive = self.positive_buffer.sample(min(n, 2000))["obs"]
         m, samples = {}, {}
         for name, x in xs.items():
-            b = self.from_x(x[torch.isfinite(x).all(1)])
+            x = x[torch.isfinite(x).all(1)]
+            act = slice(self.ds, self.ds + self.da)  # the actions as the model made them, before from_x clips them
+            m[f"gen/{name}_actions_out_of_box"] = ((x[:, act] * self.x_std[act] + self.x_mean[act]).abs() > 1).any(1).float().mean()
+            b = self.from_x(x)
             samples[name] = b
-            m[f"gen/{name}_policy_logprob"] = policy.log_prob(b["obs"], b["actions"]).mean()
+            # read 0.001 inside the box: a tanh policy's density vanishes on its edge, where clipped actions sit
+            m[f"gen/{name}_policy_logprob"] = policy.log_prob(b["obs"], b["actions"].clamp(-0.999, 0.999)).mean()
             m[f"gen/{name}_state_mmd"] = rbf_mmd(b["obs"][:2000], positive)
         states = {"offline": offline.sample(2000)["obs"], "positive buffer": positive,
                   **{k: b["obs"] for k, b in samples.items()}}
