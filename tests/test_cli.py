@@ -404,10 +404,10 @@ def test_smoke_contract(script, runner):
     assert [r["edis/cycle"] for r in cy] == list(range(1, len(cycle_steps) + 1))
     for r in cy:
         for name in ("unguided", "guided"):
-            for m in ("policy_logprob", "state_mmd"):
+            for m in ("policy_logprob", "state_mmd", "actions_out_of_box"):
                 key = f"gen/{name}_{m}"
                 assert key in r and math.isfinite(r[key]), key
-            assert r[f"gen/{name}_state_mmd"] >= -1e-6
+            assert r[f"gen/{name}_state_mmd"] >= -1e-6 and 0 <= r[f"gen/{name}_actions_out_of_box"] <= 1
         # what the learner consumes, against the simulator (Hopper random data has terminals)
         for name in ("unguided", "guided", "inpainted", "positive"):
             for m in ("dynamics_mse", "reward_mse"):

@@ -1013,6 +1013,47 @@ def test_a_cycle_whose_guidance_did_not_pull_says_so(edis_mod, capsys):
     assert "state MMD^2 0.009 guided vs 0.005 unguided" in said and "log pi" not in said
 
 
+def test_the_learner_gets_actions_inside_the_box(edis_mod):
+    """A barely trained model's actions spill beyond [-1, 1], where no policy acts and the simulator
+    would clip them: the generated buffer the learner samples holds them clipped to the box, and
+    gen/{set}_actions_out_of_box counts the spill."""
+    torch.manual_seed(26)
+    edis, offline = tiny_edis(edis_mod)
+    edis.positive_buffer.add(**offline.sample(100))
+    m = edis.cycle(LinearGaussianPolicy(), offline, offline, common.Timer(), lambda *_: {})
+    actions = edis.generated_buffer.all()["actions"]
+    assert m["gen/unguided_actions_out_of_box"] > 0.1 and m["gen/guided_actions_out_of_box"] > 0.1, m
+    assert actions.abs().max() <= 1 and (actions.abs() == 1).float().mean() > 0.1
+
+
+def test_pull_check_reads_a_tanh_policy_at_clipped_actions():
+    """The policy pull check on Cal-QL's tanh policy, whose density vanishes on the box's edge. The
+    "guided" rows are pi's own actions blurred by 0.1 (in about 44% of rows one spills beyond 1 and
+    comes back clipped to it), the "unguided" rows actions pi rarely takes. Read at the edge, the guided
+    rows scored far below the unguided ones and the check said "no pull" (halfcheetah-medium-replay,
+    14 of 15 cycles); read 0.001 inside the box, they score above them, as pi's own actions must."""
+    edis_calql = importlib.import_module("edis_calql")
+    torch.manual_seed(27)
+    ds, da, n = 2, 3, 2000
+    edis, _ = tiny_edis(edis_calql, ds=ds, da=da, diag_samples=n, precision="fp32")
+    edis.x_mean, edis.x_std = torch.zeros(2 * ds + da + 1), torch.ones(2 * ds + da + 1)  # learner rows = model space
+    pi = edis_calql.TanhGaussianActor(ds, da, 16)
+    with torch.no_grad():  # pi(a|s) = tanh(N(1.5, 0.3^2)) in every coordinate, whatever s
+        pi.net[-1].weight.zero_()
+        pi.net[-1].bias.copy_(torch.tensor([1.5] * da + [math.log(0.3)] * da))
+
+    def rows(n, guided):
+        u = torch.randn(n, da) * 0.3 + (1.5 if guided else 0.3)
+        a = torch.tanh(u) + (0.1 * torch.randn(n, da) if guided else 0.0)
+        return torch.cat([torch.randn(n, ds), a, torch.randn(n, 1 + ds)], 1)
+    edis.generate = rows
+    edis.positive_buffer.add(**edis.from_x(rows(500, True)))
+    m = edis.diagnostics(pi, edis.positive_buffer, lambda *_: {})
+    assert 0.3 < m["gen/guided_actions_out_of_box"] < 0.6 and m["gen/unguided_actions_out_of_box"] == 0, m
+    assert m["gen/guided_policy_logprob"] > m["gen/unguided_policy_logprob"] + 3, m
+    assert edis.check_pull(m)["edis/policy_pulls"] == 1.0
+
+
 def test_guard_turns_off_energies_that_fail_their_heldout_check(edis_mod, capsys):
     """An energy whose held-out loss at low sigma is not below chance (or not finite) stops guiding
     for the cycle, and the run says so; the guidance is then the other energies' alone."""

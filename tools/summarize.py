@@ -163,6 +163,7 @@ SETS = ("guided", "unguided", "inpainted", "positive")
 DIAGNOSTICS = (*(f"gen/{s}_{m}" for m in ("dynamics_mse", "dynamics_tail", "reward_mse", "terminal_error", "wall_crossing")
                  for s in SETS),
                *(f"gen/{s}_self_tail" for s in ("guided", "unguided", "positive")),
+               *(f"gen/{s}_actions_out_of_box" for s in SETS[:2]),
                *(f"gen/{s}_{m}" for m in ("policy_logprob", "state_mmd") for s in SETS[:2]),
                *(f"energy/{k}_heldout_loss_low_sigma" for k in GUIDANCE), "energy/transition_heldout_top1_low_sigma",
                *(f"edis/{k}_guides" for k in GUIDANCE), "edis/policy_pulls", "edis/state_pulls",
