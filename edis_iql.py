@@ -362,6 +362,12 @@ class EDIS:
         out["terminals"] = (out["terminals"].squeeze(1) > 0.5).float() if "terminals" in out else torch.zeros_like(out["rewards"])
         return out
 
+    def clip_actions(self, x):
+        """x (model space) with its actions clipped to the box, as from_x hands them to the learner."""
+        act = slice(self.ds, self.ds + self.da)
+        low, high = (-1 - self.x_mean[act]) / self.x_std[act], (1 - self.x_mean[act]) / self.x_std[act]
+        return torch.cat([x[:, :self.ds], torch.clamp(x[:, act], low, high), x[:, act.stop:]], 1)
+
     # --- diffusion ---
     def autocast(self):
         """The networks' arithmetic: bf16 matmuls where enabled (weights, optimizers and the sampler's
@@ -656,8 +662,8 @@ class EDIS:
             m[f"gen/{name}_state_mmd"] = rbf_mmd(b["obs"][:2000], positive)
         states = {"offline": offline.sample(2000)["obs"], "positive buffer": positive,
                   **{k: b["obs"] for k, b in samples.items()}}
-        sets = {"guided": xs["guided"], "unguided": xs["unguided"],
-                "positive": self.to_x(self.positive_buffer.sample(n))}
+        sets = {"guided": self.clip_actions(xs["guided"]), "unguided": self.clip_actions(xs["unguided"]),
+                "positive": self.to_x(self.positive_buffer.sample(n))}  # the rows as the learner gets them
         sets = {name: x[torch.isfinite(x).all(1)] for name, x in sets.items()}
         far, again = self.self_disagreement(torch.cat(list(sets.values())))  # one batched sampler call
         far = dict(zip(sets, far.split([len(x) for x in sets.values()])))

@@ -1013,6 +1013,7 @@ def test_a_cycle_whose_guidance_did_not_pull_says_so(edis_mod, capsys):
     assert "state MMD^2 0.009 guided vs 0.005 unguided" in said and "log pi" not in said
 
 
+@ONE_SCRIPT
 def test_the_learner_gets_actions_inside_the_box(edis_mod):
     """A barely trained model's actions spill beyond [-1, 1], where no policy acts and the simulator
     would clip them: the generated buffer the learner samples holds them clipped to the box, and
@@ -1024,6 +1025,8 @@ def test_the_learner_gets_actions_inside_the_box(edis_mod):
     actions = edis.generated_buffer.all()["actions"]
     assert m["gen/unguided_actions_out_of_box"] > 0.1 and m["gen/guided_actions_out_of_box"] > 0.1, m
     assert actions.abs().max() <= 1 and (actions.abs() == 1).float().mean() > 0.1
+    x = torch.randn(500, len(edis.x_mean)) * 3  # the diagnostics' self-check reads the rows as the learner gets them
+    assert torch.allclose(edis.from_x(edis.clip_actions(x))["actions"], edis.from_x(x)["actions"], atol=1e-5)
 
 
 def test_pull_check_reads_a_tanh_policy_at_clipped_actions():
@@ -1138,7 +1141,8 @@ def test_self_tail_tells_teleported_transitions_from_real_ones(edis_mod):
     L = torch.tensor([[1, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0],   # s1, s2, a
                       [0, 0, 0.95, 0.1, 0, 0], [0.7, 0, 0.7, 0, 0.1, 0], [0, 0.99, 0, 0, 0, 0.1]])  # r, s' - s
     edis.ema = gaussian_denoiser(L @ L.T)
-    edis.x_mean, edis.x_std = torch.zeros(6), torch.ones(6)  # learner rows = the model's space
+    # learner rows = the model's space, but for the actions: a third of it, so that they lie in the box
+    edis.x_mean, edis.x_std = torch.zeros(6), torch.tensor([1, 1, 1 / 3, 1, 1, 1])
 
     def draw(n, teleport=False):
         x = torch.randn(n, 6) @ L.T
@@ -1146,7 +1150,7 @@ def test_self_tail_tells_teleported_transitions_from_real_ones(edis_mod):
             x[:, 3:] = x[torch.randperm(n), 3:]
         return x
     x = draw(2000)
-    edis.positive_buffer.add(obs=x[:, :2], actions=x[:, 2:3], rewards=x[:, 3], next_obs=x[:, :2] + x[:, 4:])
+    edis.positive_buffer.add(obs=x[:, :2], actions=x[:, 2:3] / 3, rewards=x[:, 3], next_obs=x[:, :2] + x[:, 4:])
     edis.generate = lambda n, guided: draw(n, teleport=guided)  # "guided": teleports; "unguided": real draws
     policy = types.SimpleNamespace(log_prob=lambda s, a: torch.zeros(len(s)))
     state = torch.get_rng_state()
