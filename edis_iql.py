@@ -306,8 +306,10 @@ class EDIS:
     """What EDIS adds to a learner: a diffusion model of transitions, three energies, the positive
     buffer (recent online data ~ d^pi) and the generated buffer (guided samples)."""
 
-    def __init__(self, args: EDISArgs, offline: Buffer, ds: int, da: int, terminals: bool, device, reward_fn=None):
+    def __init__(self, args: EDISArgs, offline: Buffer, ds: int, da: int, terminals: bool, device, reward_fn=None,
+                 action_box: bool = True):
         self.args, self.device, self.ds, self.da = args, device, ds, da
+        self.action_box = action_box  # actions live in [-1, 1], as every task's do (common.load_task maps them there)
         self.reward_fn = reward_fn if args.env_reward else None  # the env's r(s'), where it has one
         self.fields = ["obs", "actions", "rewards", "next_obs"] + (["terminals"] if terminals else [])
         self.dims = {"obs": ds, "actions": da, "rewards": 1, "next_obs": ds, "terminals": 1}
@@ -354,7 +356,8 @@ class EDIS:
         # The learners act in [-1, 1] (common.load_task maps every task there) and the simulators clip a
         # control to its range, so a generated action beyond the box is the transition of the clipped one.
         # Unclipped, it is an action no policy takes (on the study's models 11-76% of rows had one).
-        out["actions"] = out["actions"].clamp(-1, 1)
+        if self.action_box:
+            out["actions"] = out["actions"].clamp(-1, 1)
         if self.args.next_state == "step":
             out["next_obs"] = out["obs"] + out["next_obs"]
         if self.reward_fn is not None:
@@ -364,6 +367,8 @@ class EDIS:
 
     def clip_actions(self, x):
         """x (model space) with its actions clipped to the box, as from_x hands them to the learner."""
+        if not self.action_box:
+            return x
         act = slice(self.ds, self.ds + self.da)
         low, high = (-1 - self.x_mean[act]) / self.x_std[act], (1 - self.x_mean[act]) / self.x_std[act]
         return torch.cat([x[:, :self.ds], torch.clamp(x[:, act], low, high), x[:, act.stop:]], 1)
@@ -658,7 +663,8 @@ class EDIS:
             b = self.from_x(x)
             samples[name] = b
             # read 0.001 inside the box: a tanh policy's density vanishes on its edge, where clipped actions sit
-            m[f"gen/{name}_policy_logprob"] = policy.log_prob(b["obs"], b["actions"].clamp(-0.999, 0.999)).mean()
+            a = b["actions"].clamp(-0.999, 0.999) if self.action_box else b["actions"]
+            m[f"gen/{name}_policy_logprob"] = policy.log_prob(b["obs"], a).mean()
             m[f"gen/{name}_state_mmd"] = rbf_mmd(b["obs"][:2000], positive)
         states = {"offline": offline.sample(2000)["obs"], "positive buffer": positive,
                   **{k: b["obs"] for k, b in samples.items()}}

@@ -406,7 +406,8 @@ def make_toy_edis(edis_mod, weights, offline, **kw):
     """EDIS as the scripts build it, with narrower energy networks (speed); the class picks its slices."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(edis_mod, "Energies", functools.partial(edis_mod.Energies, hidden=TOY_ENERGY_WIDTH))
-        return edis_mod.EDIS(toy_args(edis_mod, weights, **kw), offline, DS, DA, False, CPU)
+        # the toys' actions are unbounded Gaussians (a real task's live in [-1, 1]): no box to clip them to
+        return edis_mod.EDIS(toy_args(edis_mod, weights, **kw), offline, DS, DA, False, CPU, action_box=False)
 
 
 def pretrain_toy(edis_mod, make_rows, seed):
