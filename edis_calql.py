@@ -659,8 +659,7 @@ class EDIS:
         m, samples = {}, {}
         for name, x in xs.items():
             x = x[torch.isfinite(x).all(1)]
-            act = slice(self.ds, self.ds + self.da)  # the actions as the model made them, before from_x clips them
-            m[f"gen/{name}_actions_out_of_box"] = ((x[:, act] * self.x_std[act] + self.x_mean[act]).abs() > 1).any(1).float().mean()
+            m[f"gen/{name}_actions_out_of_box"] = (self.clip_actions(x) != x).any(1).float().mean()  # as the model made them
             b = self.from_x(x)
             samples[name] = b
             # read 0.001 inside the box: a tanh policy's density vanishes on its edge, where clipped actions sit
